@@ -1,0 +1,406 @@
+"""params.yaml -> frozen dataclasses, one per section, validated at load.
+
+Every error names the key path (``train.lr``), the value found and what is allowed, so a bad edit fails before
+any stage starts. Modes are explicit string fields (``self_reward.loss: mse | sft``), never sentinel numbers.
+
+A *profile* (``profiles/<name>.yaml``) is a partial params file deep-merged over ``params.yaml``; applying one
+writes the merged result back to ``params.yaml`` (as ``dvc exp run -S`` does), so DVC sees one params file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ParamsError(f"params: {key} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(key, value, allowed)
+
+
+# ----------------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class PathsParams:
+    """Every artifact path of the pipeline; dvc.yaml refers to these with ``${paths.*}``."""
+
+    data_dir: str = "data"
+    train_data: str = "data/train.parquet"
+    eval_data_dir: str = "data/eval"
+    data_stats: str = "data/stats.json"
+    data_rejects: str = "data/rejects.jsonl"
+    ref_constant: str = "ref/ref_constant.json"
+    ref_logprobs: str = "ref/logprobs.csv"
+    trained_model: str = "models/trained"
+    checkpoints: str = "checkpoints/train"
+    train_steps: str = "train/steps.jsonl"
+    train_metrics: str = "train/metrics.json"
+    rollouts_dir: str = "rollouts"
+    eval_metrics: str = "eval/metrics.json"
+    eval_plots: str = "eval/plots"
+    eval_report: str = "eval/report.md"
+    cache_dir: str = ".cache"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The base (= reference) model: a local HF dir, a hub id, or a built-in name."""
+
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "model.name", self.name, "a non-empty model name or path")
+
+
+@dataclass(frozen=True)
+class SelfRewardParams:
+    """LaSeR's knobs. Names follow the paper: β_v, α, τ, T, w_r, w_sr."""
+
+    token: str = "auto"  # z_c: a token string in the vocabulary, or "auto" (see laser.models)
+    incorrect_token: str | None = None  # z_i, used only by loss: sft
+    loss: Literal["mse", "sft"] = "mse"
+    enabled: bool = True  # false = the GRPO-only baseline, everything else identical
+    beta_v: float = 0.1
+    alpha: float = 0.1
+    tau: float = 0.1
+    std_threshold: float = 0.1
+    warmup_rl_steps: int = 0  # w_r: steps <= w_r are plain GRPO
+    warmup_self_reward_steps: int = 0  # w_sr: integration starts after w_r + w_sr
+
+    def __post_init__(self) -> None:
+        _require(self.beta_v > 0, "self_reward.beta_v", self.beta_v, "a number > 0")
+        _require(self.alpha >= 0, "self_reward.alpha", self.alpha, "a number >= 0")
+        _require(0 <= self.tau <= 1, "self_reward.tau", self.tau, "a number in [0, 1]")
+        _require(self.std_threshold >= 0, "self_reward.std_threshold", self.std_threshold, "a number >= 0")
+        _require(self.warmup_rl_steps >= 0, "self_reward.warmup_rl_steps", self.warmup_rl_steps, "an int >= 0")
+        _require(self.warmup_self_reward_steps >= 0, "self_reward.warmup_self_reward_steps",
+                 self.warmup_self_reward_steps, "an int >= 0")
+        if self.loss == "sft":
+            _require(self.incorrect_token is not None, "self_reward.incorrect_token", self.incorrect_token,
+                     "a token string (z_i) when self_reward.loss is 'sft'")
+            _require(self.incorrect_token != self.token, "self_reward.incorrect_token", self.incorrect_token,
+                     "a token different from self_reward.token")
+
+
+@dataclass(frozen=True)
+class FewShotTurn:
+    user: str
+    assistant: str
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    """One data source. ``kind`` picks which of the other fields apply."""
+
+    kind: Literal["synthetic", "jsonl", "parquet", "hf"]
+    path: str | None = None  # jsonl / parquet file
+    dataset: str | None = None  # hf: dataset name
+    config: str | None = None  # hf: config name
+    split: str = "train"  # hf split; also the split label written to the output
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    limit: int | None = None  # keep the first N rows (after rejection)
+    # synthetic generator
+    num_problems: int = 1000
+    seed: int = 0
+    min_digits: int = 1
+    max_digits: int = 2
+    max_operations: int = 1
+    operators: tuple[str, ...] = ("+", "-")
+
+    def validate(self, key: str) -> None:
+        if self.kind in ("jsonl", "parquet"):
+            _require(bool(self.path), f"{key}.path", self.path, f"a file path when kind is '{self.kind}'")
+        if self.kind == "hf":
+            _require(bool(self.dataset), f"{key}.dataset", self.dataset, "a dataset name when kind is 'hf'")
+        if self.limit is not None:
+            _require(self.limit > 0, f"{key}.limit", self.limit, "null or an int > 0")
+        if self.kind == "synthetic":
+            _require(self.num_problems > 0, f"{key}.num_problems", self.num_problems, "an int > 0")
+            _require(1 <= self.min_digits <= self.max_digits <= 9, f"{key}.max_digits", self.max_digits,
+                     "1 <= min_digits <= max_digits <= 9")
+            _require(self.max_operations >= 1, f"{key}.max_operations", self.max_operations, "an int >= 1")
+            _require(bool(self.operators) and set(self.operators) <= {"+", "-", "*"}, f"{key}.operators",
+                     self.operators, "a non-empty list drawn from '+', '-', '*'")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    train: SourceParams = field(default_factory=lambda: SourceParams(kind="synthetic", num_problems=2000))
+    eval_sets: dict[str, SourceParams] = field(
+        default_factory=lambda: {"synthetic": SourceParams(kind="synthetic", num_problems=64, seed=1)})
+    instruction: str = "Solve the problem step by step and put the final answer in \\boxed{}."
+    few_shot: tuple[FewShotTurn, ...] = ()
+    prompt_format: Literal["chat", "plain"] = "chat"
+    max_prompt_tokens: int = 512
+    max_reject_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        self.train.validate("prepare.train")
+        _require(bool(self.eval_sets), "prepare.eval_sets", self.eval_sets, "at least one named eval set")
+        for name, source in self.eval_sets.items():
+            _require(name.replace("_", "").replace("-", "").isalnum(), f"prepare.eval_sets.{name}", name,
+                     "a name of letters, digits, '_' and '-'")
+            source.validate(f"prepare.eval_sets.{name}")
+        _require(self.max_prompt_tokens > 0, "prepare.max_prompt_tokens", self.max_prompt_tokens, "an int > 0")
+        _require(0 <= self.max_reject_fraction <= 1, "prepare.max_reject_fraction", self.max_reject_fraction,
+                 "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    backend: Literal["hf", "vllm"] = "hf"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.temperature >= 0, "generation.temperature", self.temperature, "a number >= 0")
+        _require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "a number in (0, 1]")
+        _require(self.max_new_tokens > 0, "generation.max_new_tokens", self.max_new_tokens, "an int > 0")
+        _require(self.batch_size > 0, "generation.batch_size", self.batch_size, "an int > 0")
+
+
+@dataclass(frozen=True)
+class VerifierParams:
+    timeout_s: float = 5.0
+    num_workers: int = 2
+    require_single_boxed: bool = False  # the official format gate: exactly one \boxed{}
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "verifier.timeout_s", self.timeout_s, "a number > 0")
+        _require(self.num_workers >= 1, "verifier.num_workers", self.num_workers, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class RefConstantParams:
+    num_prompts: int = 32
+    samples_per_prompt: int = 4
+    seed: int = 0
+    noise_warning: float = 0.1  # warn when beta_v * std(log pi_ref(z_c)) exceeds this
+
+    def __post_init__(self) -> None:
+        _require(self.num_prompts > 0, "ref_constant.num_prompts", self.num_prompts, "an int > 0")
+        _require(self.samples_per_prompt > 0, "ref_constant.samples_per_prompt", self.samples_per_prompt,
+                 "an int > 0")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    steps: int = 20
+    prompts_per_step: int = 8  # B
+    group_size: int = 4  # K
+    mini_batch_size: int = 16  # samples per optimizer step
+    micro_batch_size: int = 8  # samples per forward
+    ppo_epochs: int = 1
+    lr: float = 1e-6
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    adv_eps: float = 1e-6
+    scale_adv_by_std: bool = True
+    seed: int = 0
+    checkpoint_every: int = 10
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    optimizer: Literal["adamw", "cpu_adam"] = "adamw"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size", "ppo_epochs",
+                    "checkpoint_every"):
+            _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "an int > 0")
+        _require(self.group_size >= 2, "train.group_size", self.group_size, "an int >= 2 (GRPO needs a group)")
+        rollouts = self.prompts_per_step * self.group_size
+        _require(rollouts % self.mini_batch_size == 0, "train.mini_batch_size", self.mini_batch_size,
+                 f"a divisor of prompts_per_step * group_size = {rollouts}")
+        _require(self.mini_batch_size % self.micro_batch_size == 0, "train.micro_batch_size",
+                 self.micro_batch_size, f"a divisor of mini_batch_size = {self.mini_batch_size}")
+        _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(0 <= self.clip_low < 1, "train.clip_low", self.clip_low, "a number in [0, 1)")
+        _require(self.clip_high >= 0, "train.clip_high", self.clip_high, "a number >= 0")
+        _require(self.kl_coef >= 0, "train.kl_coef", self.kl_coef, "a number >= 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+
+
+@dataclass(frozen=True)
+class RolloutParams:
+    models: tuple[Literal["base", "trained"], ...] = ("base", "trained")
+    samples_per_problem: int = 4
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.samples_per_problem > 0, "rollout.samples_per_problem", self.samples_per_problem,
+                 "an int > 0")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    subset_seeds: int = 8  # random subsets of the K samples averaged per k in the scaling curves
+    threshold: float = 0.5
+    ece_bins: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.subset_seeds > 0, "evaluate.subset_seeds", self.subset_seeds, "an int > 0")
+        _require(0 < self.threshold < 1, "evaluate.threshold", self.threshold, "a number in (0, 1)")
+        _require(self.ece_bins > 0, "evaluate.ece_bins", self.ece_bins, "an int > 0")
+
+
+@dataclass(frozen=True)
+class FlowParams:
+    retries: int = 2
+    retry_delay_s: float = 5.0
+    retry_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        _require(self.retries >= 0, "flow.retries", self.retries, "an int >= 0")
+        _require(self.retry_delay_s >= 0, "flow.retry_delay_s", self.retry_delay_s, "a number >= 0")
+        _require(self.retry_backoff >= 1, "flow.retry_backoff", self.retry_backoff, "a number >= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: PathsParams = field(default_factory=PathsParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    self_reward: SelfRewardParams = field(default_factory=SelfRewardParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    verifier: VerifierParams = field(default_factory=VerifierParams)
+    ref_constant: RefConstantParams = field(default_factory=RefConstantParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    rollout: RolloutParams = field(default_factory=RolloutParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    flow: FlowParams = field(default_factory=FlowParams)
+
+
+# ------------------------------------------------------------------------------------------------------ typed build
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists/dicts to tuples/dataclasses."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        _require(value in args, key, value, _describe(tp))
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), key, value, f"a list of {_describe(args[0])}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _require(isinstance(value, dict), key, value, "a mapping")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), key, value, f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}")
+        return build(tp, value, key)
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if tp is bool:
+        _require(isinstance(value, bool), key, value, "true or false")
+        return value
+    if tp is str:
+        _require(isinstance(value, str), key, value, "a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in this module, not in params
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and missing required keys fail."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    where = f"{prefix}." if prefix else ""
+    for key in data:
+        if key not in names:
+            raise ParamsError(f"params: unknown key {where}{key} (value {data[key]!r}); allowed keys here: "
+                              f"{', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"params: missing required key {where}{f.name} ({_describe(hints[f.name])})")
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ file access
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A new dict: ``override`` merged into ``base``; nested mappings merge, everything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"params: file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"params: {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"params: {path} must hold a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | Path | None = None) -> Params:
+    """Load and validate params; ``profile`` is a partial params file merged over ``path``."""
+    data = read_yaml(path)
+    if profile is not None:
+        data = deep_merge(data, read_yaml(profile))
+    try:
+        return build(Params, data)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def apply_profile(params_path: str | Path, profile_path: str | Path) -> Params:
+    """Merge ``profile_path`` into ``params_path`` and write it back (validated first, written atomically)."""
+    from laser.io import atomic_write_text
+
+    merged = deep_merge(read_yaml(params_path), read_yaml(profile_path))
+    params = build(Params, merged)
+    atomic_write_text(params_path, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True, width=120))
+    return params
