@@ -1,0 +1,104 @@
+"""Model resolution and the rollout engine: z_c log-probs from the generation pass equal a full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from laser.generation import HFGenerator, Sampling, full_forward_probe_logprobs, left_pad, sample_next_token
+from laser.models import ModelError, load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
+
+
+def _chat_prompts(tokenizer, questions):
+    return [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                    add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for q in questions]
+
+
+def _assert_probe_equivalence(model, completions, probe_ids, atol):
+    finished = [c for c in completions if c.finish_reason == "eos"]
+    assert finished, "no finished sample: the equivalence would be vacuous"
+    for c in finished:
+        reference = full_forward_probe_logprobs(model, c.prompt_token_ids, c.response_token_ids, probe_ids)
+        assert c.probe_logprobs == pytest.approx(reference, abs=atol)
+    for c in completions:
+        if c.finish_reason == "length":
+            assert c.probe_logprobs is None
+
+
+def test_tiny_model_probe_logprobs_equal_full_forward(tiny_model_dir):
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    probe_ids = [token_id(tokenizer, "<|z_c|>"), token_id(tokenizer, "<|z_i|>")]
+    # prompts of very different lengths, so left padding and per-row positions are exercised
+    prompts = _chat_prompts(tokenizer, ["What is 1 + 2?", "What is 7 + 8? Think about it carefully first.", "Hi"])
+    completions = HFGenerator(model, tokenizer, batch_size=5).generate(
+        prompts, 4, Sampling(temperature=1.0, max_new_tokens=40, seed=3), probe_token_ids=probe_ids)
+    assert len(completions) == 12
+    assert [(c.prompt_index, c.sample_index) for c in completions] == [(p, k) for p in range(3) for k in range(4)]
+    _assert_probe_equivalence(model, completions, probe_ids, atol=1e-4)
+    for c in completions:
+        assert c.response_token_ids and len(c.response_token_ids) <= 40
+        assert (c.response_token_ids[-1] == tokenizer.eos_token_id) == (c.finish_reason == "eos")
+
+
+def test_generation_is_seeded_and_probes_do_not_change_samples(tiny_model_dir):
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    prompts = _chat_prompts(tokenizer, ["What is 2 + 2?", "What is 5 + 1?"])
+    generator = HFGenerator(model, tokenizer, batch_size=3)
+    sampling = Sampling(temperature=1.0, max_new_tokens=24, seed=11)
+    with_probe = generator.generate(prompts, 3, sampling, probe_token_ids=[token_id(tokenizer, "<|z_c|>")])
+    without = generator.generate(prompts, 3, sampling)
+    again = generator.generate(prompts, 3, sampling)
+    assert [c.response_token_ids for c in with_probe] == [c.response_token_ids for c in without]
+    assert [c.response_token_ids for c in without] == [c.response_token_ids for c in again]
+    other_seed = generator.generate(prompts, 3, Sampling(temperature=1.0, max_new_tokens=24, seed=12))
+    assert [c.response_token_ids for c in other_seed] != [c.response_token_ids for c in without]
+
+
+def test_truncated_samples_have_no_probe(tiny_model_dir):
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    completions = HFGenerator(model, tokenizer).generate(
+        _chat_prompts(tokenizer, ["What is 1 + 1?"]), 3, Sampling(max_new_tokens=2, seed=0), probe_token_ids=[5])
+    assert all(c.finish_reason == "length" and c.probe_logprobs is None for c in completions)
+    assert all(len(c.response_token_ids) == 2 for c in completions)
+
+
+def test_sampling_helpers():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    assert sample_next_token(logits, 0.0, 1.0, None).tolist() == [1, 0]
+    # top_p = 0.5 keeps only the top token (its probability alone crosses 0.5)
+    rng = torch.Generator().manual_seed(0)
+    draws = {tuple(sample_next_token(logits, 1.0, 0.5, rng).tolist()) for _ in range(20)}
+    assert draws == {(1, 0)}
+
+
+def test_model_resolution_errors(tmp_path):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    with pytest.raises(ModelError, match=r"no \*\.safetensors"):
+        resolve_model_dir(str(empty), tmp_path)
+    with pytest.raises(ModelError, match="not a directory, not a built-in"):
+        resolve_model_dir("./missing/model/dir", tmp_path)
+
+
+def test_token_lookup(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    assert token_id(tokenizer, "<|z_c|>") == tokenizer.convert_tokens_to_ids("<|z_c|>")
+    with pytest.raises(ModelError, match="not a single token"):
+        token_id(tokenizer, "<|no_such_token|>")
+    candidates = z_c_candidates(tokenizer)
+    assert "<|z_c|>" in candidates and tokenizer.eos_token not in candidates
+    assert "<|im_start|>" not in candidates  # used by the chat template
+
+
+@pytest.mark.slow
+def test_smollm2_builtin_probe_logprobs_equal_full_forward(repo_cache):
+    model_dir = resolve_model_dir("smollm2-135m-instruct", repo_cache)
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    probe_ids = [5, token_id(tokenizer, "<|endoftext|>")]
+    prompts = _chat_prompts(tokenizer, ["What is 3 + 4? Put the answer in \\boxed{}.", "Say hello."])
+    completions = HFGenerator(model, tokenizer, batch_size=4).generate(
+        prompts, 2, Sampling(temperature=1.0, max_new_tokens=48, seed=0), probe_token_ids=probe_ids)
+    _assert_probe_equivalence(model, completions, probe_ids, atol=1e-4)
