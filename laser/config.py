@@ -125,6 +125,7 @@ class SourceParams:
     max_digits: int = 2
     max_operations: int = 1
     operators: tuple[str, ...] = ("+", "-")
+    word_fraction: float = 0.25  # share of one-operation problems phrased as a short word problem
 
     def validate(self, key: str) -> None:
         if self.kind in ("jsonl", "parquet"):
@@ -140,15 +141,21 @@ class SourceParams:
             _require(self.max_operations >= 1, f"{key}.max_operations", self.max_operations, "an int >= 1")
             _require(bool(self.operators) and set(self.operators) <= {"+", "-", "*"}, f"{key}.operators",
                      self.operators, "a non-empty list drawn from '+', '-', '*'")
+            _require(0 <= self.word_fraction <= 1, f"{key}.word_fraction", self.word_fraction, "a number in [0, 1]")
 
 
 @dataclass(frozen=True)
 class PrepareParams:
     train: SourceParams = field(default_factory=lambda: SourceParams(kind="synthetic", num_problems=2000))
     eval_sets: dict[str, SourceParams] = field(
-        default_factory=lambda: {"synthetic": SourceParams(kind="synthetic", num_problems=64, seed=1)})
+        default_factory=lambda: {"synthetic": SourceParams(kind="synthetic", split="test", num_problems=64, seed=1)})
     instruction: str = "Solve the problem step by step and put the final answer in \\boxed{}."
-    few_shot: tuple[FewShotTurn, ...] = ()
+    # SmolLM2-135M-Instruct boxes its answer only after seeing examples (0/32 with the instruction alone)
+    few_shot: tuple[FewShotTurn, ...] = (
+        FewShotTurn("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}."),
+        FewShotTurn("Sam has 15 marbles and gives away 6. How many marbles does Sam have left?",
+                    "15 - 6 = 9. The answer is \\boxed{9}."),
+    )
     prompt_format: Literal["chat", "plain"] = "chat"
     max_prompt_tokens: int = 512
     max_reject_fraction: float = 0.05
@@ -167,7 +174,7 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf"] = "hf"  # a vLLM backend (GPU) plugs in behind laser.generation.Generator
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64

@@ -1,0 +1,300 @@
+"""Data sources for the prepare stage: readers, the synthetic arithmetic generator, answer cleaning, prompts.
+
+Every reader yields :class:`Row` (a usable problem) or :class:`Reject` (a bad row, with where and why), so the
+caller can count and report every row it drops. Nothing here writes files.
+
+Light to import: ``datasets`` (Hugging Face sources) and ``pyarrow`` (parquet sources) are imported when used.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from laser.config import FewShotTurn, SourceParams
+from laser.verify import last_boxed
+
+
+class SourceError(RuntimeError):
+    """A whole source cannot be read (missing file, dataset not available offline); one clear line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    problem: str
+    answer: str
+    line: int  # 1-based line (jsonl), row number (parquet, hf) or draw number (synthetic)
+
+
+@dataclass(frozen=True)
+class Reject:
+    line: int
+    reason: str
+    detail: str = ""
+
+
+# -------------------------------------------------------------------------------------------------------- answers
+
+_GSM8K_MARK = "####"
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def strip_thousands(text: str) -> str:
+    """``1,000`` -> ``1000`` for numbers with thousands separators; anything else unchanged."""
+    return text.replace(",", "") if _THOUSANDS.match(text) else text
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The final answer of a GSM8K solution (``... <<16-3-4=9>>9 ...\\n#### 1,018``) -> ``1018``."""
+    final = _CALCULATOR.sub("", solution.rsplit(_GSM8K_MARK, 1)[-1]).strip()
+    final = final.removeprefix("$").rstrip(".").strip()
+    return strip_thousands(final)
+
+
+def clean_answer(value: Any) -> str | None:
+    """A gold answer as a clean string, or None when it is unusable (the caller says why).
+
+    Ints stay ints (``5`` -> ``'5'``; ``5.0`` -> ``'5'``), other floats use ``repr`` (``0.5`` -> ``'0.5'``).
+    Strings are stripped; a GSM8K solution (with ``####``) gives its final answer; a solution with ``\\boxed{}``
+    (e.g. MATH's ``solution`` field) gives the last boxed content. Booleans, lists, dicts: None.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            return None
+        return str(int(number)) if number.is_integer() else repr(number)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if _GSM8K_MARK in text:
+        return gsm8k_final_answer(text)
+    if "\\boxed" in text or "\\fbox" in text:
+        boxed = last_boxed(text)
+        if boxed is not None:
+            return boxed
+    return text
+
+
+def normalize_problem(text: str) -> str:
+    """The key for exact-duplicate detection: whitespace runs collapsed."""
+    return " ".join(text.split())
+
+
+# -------------------------------------------------------------------------------------------------- file readers
+
+
+def _row_from_record(record: Any, line: int, source: SourceParams, default_id: str) -> Row | Reject:
+    if not isinstance(record, dict):
+        return Reject(line, "not_an_object", f"found {type(record).__name__}")
+    problem = record.get(source.problem_field)
+    if problem is None:
+        return Reject(line, "missing_problem", f"no field {source.problem_field!r}")
+    if not isinstance(problem, str):
+        return Reject(line, "invalid_problem", f"{source.problem_field!r} is a {type(problem).__name__}")
+    if not problem.strip():
+        return Reject(line, "empty_problem")
+    if source.answer_field not in record or record[source.answer_field] is None:
+        return Reject(line, "missing_answer", f"no field {source.answer_field!r}")
+    answer = clean_answer(record[source.answer_field])
+    if answer is None:
+        return Reject(line, "invalid_answer", f"{source.answer_field!r} = {str(record[source.answer_field])[:80]!r}")
+    if not answer:
+        return Reject(line, "empty_answer")
+    if source.id_field is not None:
+        raw_id = record.get(source.id_field)
+        if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+            return Reject(line, "missing_id", f"no field {source.id_field!r}")
+        row_id = str(raw_id).strip()
+    else:
+        row_id = default_id
+    return Row(row_id, problem.strip(), answer, line)
+
+
+def read_jsonl(path: str | Path, source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"jsonl file not found: {path}")
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue  # blank lines are not rows
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield Reject(number, "invalid_json", str(err))
+                continue
+            yield _row_from_record(record, number, source, f"{id_prefix}-{number:06d}")
+
+
+def read_parquet(path: str | Path, source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"parquet file not found: {path}")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:
+        raise SourceError(f"{path} is not a readable parquet file ({type(err).__name__}: {err})") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            number += 1
+            yield _row_from_record(record, number, source, f"{id_prefix}-{number:06d}")
+
+
+def read_hf(source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:
+    what = f"Hugging Face dataset {source.dataset!r}" + (f" (config {source.config!r})" if source.config else "")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(source.dataset, source.config, split=source.split)
+    except Exception as err:  # offline, unknown name, missing split: one line, no traceback
+        message = (str(err).strip().splitlines() or [""])[0][:200]
+        raise SourceError(
+            f"{what}, split {source.split!r}, could not be loaded ({type(err).__name__}: {message}). "
+            "Offline? Save it once as a local file and use kind: jsonl (or parquet) with path: <file>") from None
+    for number, record in enumerate(dataset, start=1):
+        yield _row_from_record(record, number, source, f"{id_prefix}-{number:06d}")
+
+
+# ---------------------------------------------------------------------------------------------------- synthetic
+
+_NAMES = ("Tom", "Anna", "Ravi", "Mia", "Leo", "Sara", "Omar", "Lina", "Ben", "Yuki")
+_OBJECTS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards", "eggs", "stamps")
+_QUESTION_TEMPLATES = ("What is {expr}?", "Calculate {expr}.", "Compute {expr}.")
+_WORD_TEMPLATES = {
+    "+": ("{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?",
+          "There are {a} {obj} in a box. {name} puts in {b} more. How many {obj} are in the box now?"),
+    "-": ("{name} has {a} {obj} and gives away {b}. How many {obj} does {name} have left?",
+          "There are {a} {obj} in a box. {name} takes out {b}. How many {obj} are left in the box?"),
+    "*": ("{name} has {a} bags with {b} {obj} in each bag. How many {obj} does {name} have?",
+          "{name} buys {a} packs of {obj}. Each pack has {b} {obj}. How many {obj} does {name} buy?"),
+}
+
+
+def evaluate_expression(numbers_: Sequence[int], operators: Sequence[str]) -> int:
+    """The exact value of ``n0 op0 n1 op1 n2 ...`` with the usual precedence (``*`` before ``+``/``-``)."""
+    terms, signs = [numbers_[0]], [1]
+    for op, value in zip(operators, numbers_[1:]):
+        if op == "*":
+            terms[-1] *= value
+        else:
+            terms.append(value)
+            signs.append(1 if op == "+" else -1)
+    return sum(sign * term for sign, term in zip(signs, terms))
+
+
+def _operand(rng: random.Random, source: SourceParams) -> int:
+    digits = rng.randint(source.min_digits, source.max_digits)
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10**digits - 1)
+
+
+def synthetic_problem(rng: random.Random, source: SourceParams) -> tuple[str, int]:
+    """One problem and its exact integer answer (never negative), drawn from ``rng``."""
+    while True:
+        count = rng.randint(1, source.max_operations)
+        operators = [rng.choice(source.operators) for _ in range(count)]
+        values = [_operand(rng, source) for _ in range(count + 1)]
+        if count == 1 and operators[0] == "-" and values[0] < values[1]:
+            values.reverse()
+        answer = evaluate_expression(values, operators)
+        if answer >= 0:
+            break
+    if count == 1 and rng.random() < source.word_fraction:
+        template = rng.choice(_WORD_TEMPLATES[operators[0]])
+        text = template.format(name=rng.choice(_NAMES), obj=rng.choice(_OBJECTS), a=values[0], b=values[1])
+    else:
+        expr = " ".join([str(values[0])] + [f"{op} {v}" for op, v in zip(operators, values[1:])])
+        text = rng.choice(_QUESTION_TEMPLATES).format(expr=expr)
+    return text, answer
+
+
+def generate_synthetic(source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:
+    """Distinct synthetic problems in a fixed order for ``source.seed``; the caller takes as many as it needs.
+
+    Stops (with no error) when the difficulty settings allow no new problem within many draws.
+    """
+    rng = random.Random(f"laser-synthetic-{source.seed}")
+    seen: set[str] = set()
+    misses, number = 0, 0
+    while misses < 1000 + 10 * len(seen):
+        text, answer = synthetic_problem(rng, source)
+        if text in seen:
+            misses += 1
+            continue
+        seen.add(text)
+        number += 1
+        yield Row(f"{id_prefix}-{number:06d}", text, str(answer), number)
+
+
+def read_source(source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:
+    if source.kind == "synthetic":
+        return generate_synthetic(source, id_prefix)
+    if source.kind == "jsonl":
+        return read_jsonl(source.path, source, id_prefix)
+    if source.kind == "parquet":
+        return read_parquet(source.path, source, id_prefix)
+    if source.kind == "hf":
+        return read_hf(source, id_prefix)
+    raise SourceError(f"unknown source kind {source.kind!r}")
+
+
+def source_label(source: SourceParams) -> str:
+    """What the ``source`` column says: ``synthetic``, the file path, or ``hf:<dataset>[/<config>]``."""
+    if source.kind == "synthetic":
+        return "synthetic"
+    if source.kind == "hf":
+        return f"hf:{source.dataset}" + (f"/{source.config}" if source.config else "")
+    return str(source.path)
+
+
+# ------------------------------------------------------------------------------------------------------- prompts
+
+
+def build_messages(problem: str, instruction: str, few_shot: Sequence[FewShotTurn]) -> list[dict[str, str]]:
+    """Chat turns: the few-shot user/assistant pairs, then the problem; the first user turn starts with the
+    instruction (no system turn: small chat models follow a user-turn instruction better)."""
+    messages: list[dict[str, str]] = []
+    for turn in few_shot:
+        messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
+    messages.append({"role": "user", "content": problem})
+    if instruction.strip():
+        messages[0] = {"role": "user", "content": f"{instruction.strip()}\n\n{messages[0]['content']}"}
+    return messages
+
+
+def render_plain(problem: str, instruction: str, few_shot: Sequence[FewShotTurn]) -> str:
+    """The template for models without a chat template: the instruction, then ``Question: ...\nAnswer: ...``
+    blocks (few-shot pairs, then the problem) ending with ``Answer:`` for the model to continue."""
+    blocks = [f"Question: {turn.user}\nAnswer: {turn.assistant}" for turn in few_shot]
+    blocks.append(f"Question: {problem}\nAnswer:")
+    if instruction.strip():
+        blocks.insert(0, instruction.strip())
+    return "\n\n".join(blocks)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(problem: str, instruction: str, few_shot: Sequence[FewShotTurn], tokenizer,
+                  prompt_format: str) -> tuple[list[dict[str, str]], str]:
+    """(chat messages, prompt text). The text is the tokenizer's chat template with the generation prompt for
+    ``chat`` when the tokenizer has one, else :func:`render_plain`."""
+    messages = build_messages(problem, instruction, few_shot)
+    if prompt_format == "chat" and has_chat_template(tokenizer):
+        return messages, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages, render_plain(problem, instruction, few_shot)

@@ -1,0 +1,287 @@
+"""The on-policy LaSeR trainer over a DeepSpeed engine (ZeRO-3 by default).
+
+Per step s (1-based):
+  1. B prompts (a seeded permutation of the train set; the step number fixes which, so a resumed run sees the
+     same data), K rollouts each from the current policy with parameters gathered (laser.engine). The rollout
+     pass also returns log π_old(z_c | x, y, EOS) (laser.generation), from a sequence that really ends in EOS.
+  2. Verifier rewards r_v; GRPO advantages A_v; after w_r + w_sr steps A_v is integrated with A_s from the
+     rollout-time scores r_s = β_v(log π_old(z_c|…) − c_ref) (the official code reads them from a pass
+     without z_c — not copied).
+  3. Per mini-batch: one forward over [prompt | response | z_c] per micro-batch yields the response log-probs
+     and log π_θ(z_c|…) together; loss = GRPO + α·L_SR (after w_r steps; α·L_SR never in the GRPO-only mode).
+     Normalisers (tokens, N_c, N_i) are global over the mini-batch and all ranks, so accumulation and data
+     parallelism give the unsharded gradient.
+  4. Log one JSON line; checkpoint every N steps (DeepSpeed state + step), resume from the latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from laser import engine as ds
+from laser.advantages import grpo_advantages, integrate_advantages, self_reward_advantages
+from laser.batch import PolicyBatch, collate, policy_forward
+from laser.config import Params
+from laser.generation import HFGenerator, Sampling
+from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft_loss
+from laser.metrics import self_verification
+from laser.schedule import Phase, warmup_phase
+from laser.score import self_reward_score, two_token_score
+from laser.verify import summarize, verify_batch
+
+
+@dataclass(frozen=True)
+class SelfRewardTokens:
+    z_c_id: int
+    c_ref: float
+    z_i_id: int | None = None  # SFT ablation only
+
+
+@dataclass
+class Rollout:
+    """One step's samples on this rank, group-contiguous (rows g*K .. g*K+K-1 share a prompt)."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    finished: torch.Tensor  # (N,) bool
+    rewards: torch.Tensor  # (N,) float
+    old_scores: torch.Tensor  # (N,) r_s under π_old (0 where truncated)
+    verdict_counts: dict
+
+
+def prompt_indices(step: int, prompts_per_step: int, num_problems: int, seed: int) -> list[int]:
+    """The problems of step ``step`` (1-based): consecutive slices of seeded per-epoch permutations."""
+    start = (step - 1) * prompts_per_step
+    indices = []
+    for position in range(start, start + prompts_per_step):
+        epoch, offset = divmod(position, num_problems)
+        order = list(range(num_problems))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+class LaserTrainer:
+    def __init__(self, params: Params, engine, tokenizer, problems: list[dict], tokens: SelfRewardTokens,
+                 rank: int = 0, world_size: int = 1, ref_model=None):
+        self.params, self.engine, self.tokenizer, self.problems = params, engine, tokenizer, problems
+        self.tokens, self.rank, self.world_size, self.ref_model = tokens, rank, world_size, ref_model
+        self.train = params.train
+        self.prompt_ids = [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+
+    def rollout(self, step: int) -> Rollout:
+        indices = prompt_indices(step, self.train.prompts_per_step, len(self.problems), self.train.seed)
+        mine = indices[self.rank::self.world_size]  # whole groups per rank
+        g = self.params.generation
+        sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens, seed=self.train.seed + 7919 * step + self.rank)
+        probes = [self.tokens.z_c_id] + ([self.tokens.z_i_id] if self.tokens.z_i_id is not None else [])
+        with ds.gathered_for_generation(self.engine) as model:
+            model.eval()
+            generator = HFGenerator(model, self.tokenizer, batch_size=g.batch_size)
+            completions = generator.generate([self.prompt_ids[i] for i in mine], self.train.group_size, sampling,
+                                             probe_token_ids=probes)
+        v = self.params.verifier
+        verdicts = verify_batch([c.text for c in completions], [self.problems[mine[c.prompt_index]]["answer"]
+                                                                 for c in completions],
+                                timeout_s=v.timeout_s, num_workers=v.num_workers,
+                                require_single_boxed=v.require_single_boxed)
+        return Rollout(
+            prompts=[c.prompt_token_ids for c in completions],
+            responses=[c.response_token_ids for c in completions],
+            finished=torch.tensor([c.finish_reason == "eos" for c in completions]),
+            rewards=torch.tensor([float(v.reward) for v in verdicts]),
+            old_scores=torch.tensor([self._score(c.probe_logprobs) for c in completions]),
+            verdict_counts=summarize(verdicts),
+        )
+
+    def _score(self, probe_logprobs: list[float] | None) -> float:
+        if probe_logprobs is None:
+            return 0.0
+        if self.params.self_reward.loss == "sft":
+            return float(two_token_score(torch.tensor(probe_logprobs[0]), torch.tensor(probe_logprobs[1])))
+        return float(self_reward_score(torch.tensor(probe_logprobs[0]), self.tokens.c_ref,
+                                       self.params.self_reward.beta_v))
+
+    # ---------------------------------------------------------------------------------------------- advantages
+
+    def advantages(self, rollout: Rollout, phase: Phase) -> tuple[torch.Tensor, dict]:
+        k = self.train.group_size
+        a_v, metrics = grpo_advantages(rollout.rewards, k, self.train.adv_eps, self.train.scale_adv_by_std)
+        if not (phase.advantage_integration and self.params.self_reward.enabled):
+            return a_v, metrics
+        a_s, score_std = self_reward_advantages(rollout.old_scores, rollout.finished, k, self.train.adv_eps,
+                                                self.train.scale_adv_by_std)
+        sr = self.params.self_reward
+        advantages, mix = integrate_advantages(a_v, a_s, score_std, sr.tau, sr.std_threshold)
+        return advantages, {**metrics, **mix}
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def train_on(self, rollout: Rollout, advantages: torch.Tensor, phase: Phase) -> dict:
+        batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), self.tokens.z_c_id,
+                        self.tokenizer.pad_token_id)
+        old_logprobs = self._old_logprobs(batch)
+        per_rank = self.train.mini_batch_size // self.world_size
+        metrics: list[dict] = []
+        for _ in range(self.train.ppo_epochs):
+            for start in range(0, len(rollout.responses), per_rank):
+                rows = slice(start, start + per_rank)
+                metrics.append(self._mini_batch(batch.select(rows), rollout.rewards[rows], advantages[rows],
+                                                None if old_logprobs is None else old_logprobs[rows], phase))
+        return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+
+    def _on_policy(self) -> bool:
+        rollouts = self.train.prompts_per_step * self.train.group_size
+        return self.train.ppo_epochs == 1 and self.train.mini_batch_size == rollouts
+
+    @torch.no_grad()
+    def _old_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
+        """π_old token log-probs, needed only when the policy moves between mini-batches (else ratio ≡ 1)."""
+        if self._on_policy():
+            return None
+        micro = self.train.micro_batch_size
+        parts = [policy_forward(self.engine, batch.select(slice(i, i + micro)))[0]
+                 for i in range(0, len(batch.finished), micro)]
+        return _cat_padded(parts)
+
+    def _global_counts(self, batch: PolicyBatch, rewards: torch.Tensor) -> dict:
+        counts = torch.tensor([float(batch.response_mask.sum()),
+                               float((batch.has_slot & (rewards > 0.5)).sum()),
+                               float((batch.has_slot & (rewards <= 0.5)).sum())], dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        return {"num_tokens": counts[0].item(), "num_correct": counts[1].item(), "num_incorrect": counts[2].item()}
+
+    def _mini_batch(self, batch: PolicyBatch, rewards, advantages, old_logprobs, phase: Phase) -> dict:
+        counts = self._global_counts(batch, rewards)
+        micro = self.train.micro_batch_size
+        sums: dict[str, float] = {}
+        for start in range(0, len(rewards), micro):
+            rows = slice(start, start + micro)
+            loss, metrics = self._micro_loss(batch.select(rows), rewards[rows], advantages[rows],
+                                             None if old_logprobs is None else old_logprobs[rows], phase, counts)
+            # Losses are normalised by global counts, so sum (not average) over micro-batches and ranks:
+            # DeepSpeed averages gradients over ranks, hence the world-size factor.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        if self.world_size > 1:  # each rank holds its share of globally normalised sums: add them up
+            values = torch.tensor(list(sums.values()), dtype=torch.float64)
+            torch.distributed.all_reduce(values)
+            sums = dict(zip(sums, values.tolist()))
+        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        sums["lr"] = float(self.engine.get_lr()[0])
+        return sums
+
+    def _micro_loss(self, batch: PolicyBatch, rewards, advantages, old_logprobs, phase, counts):
+        sr = self.params.self_reward
+        extra = self.tokens.z_i_id if sr.loss == "sft" else None
+        token_logprobs, z_c_logprob, z_i_logprob = policy_forward(self.engine, batch, extra)
+        old = token_logprobs.detach() if old_logprobs is None else old_logprobs[:, :token_logprobs.shape[1]]
+        ref = self._ref_logprobs(batch) if self.train.kl_coef > 0 else None
+        pg_loss, metrics = grpo_policy_loss(token_logprobs, old, advantages, batch.response_mask,
+                                            self.train.clip_low, self.train.clip_high, ref_logprobs=ref,
+                                            kl_coef=self.train.kl_coef, num_tokens=counts["num_tokens"])
+        finished = batch.has_slot
+        class_counts = {"num_correct": counts["num_correct"], "num_incorrect": counts["num_incorrect"]}
+        if sr.loss == "sft":
+            sr_loss, sr_metrics = self_reward_sft_loss(z_c_logprob, z_i_logprob, rewards, finished, **class_counts)
+        else:
+            sr_loss, sr_metrics = self_reward_mse_loss(z_c_logprob, rewards, finished, self.tokens.c_ref,
+                                                       sr.beta_v, **class_counts)
+        use_sr = sr.enabled and phase.self_reward_loss
+        loss = pg_loss + sr.alpha * sr_loss if use_sr else pg_loss
+        keep = ("pg_loss", "clip_frac", "approx_kl", "kl", "self_reward_mse", "self_reward_sft")
+        merged = {k: v for k, v in {**metrics, **sr_metrics}.items() if k in keep}
+        return loss, merged
+
+    @torch.no_grad()
+    def _ref_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        return policy_forward(self.ref_model, batch)[0]
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+# ---------------------------------------------------------------------------------------------------- step metrics
+
+
+def rollout_metrics(rollout: Rollout, threshold: float = 0.5) -> dict:
+    """Batch-level numbers for the step log: rewards, lengths, self-verification of π_old's scores."""
+    correct = rollout.rewards > 0.5
+    scores = torch.where(rollout.finished, rollout.old_scores, torch.zeros_like(rollout.old_scores))
+    sv = self_verification(scores.numpy(), correct.numpy(), threshold)
+    lengths = torch.tensor([float(len(r)) for r in rollout.responses])
+
+    def mean_or_none(values: torch.Tensor) -> float | None:
+        return float(values.mean()) if len(values) else None
+
+    return {
+        "reward_mean": float(rollout.rewards.mean()),
+        "finished_frac": float(rollout.finished.float().mean()),
+        "response_length": float(lengths.mean()),
+        "sv_acc_correct": sv["acc_correct"], "sv_acc_incorrect": sv["acc_incorrect"], "sv_f1": sv["f1"],
+        "score_mean_correct": mean_or_none(scores[correct & rollout.finished]),
+        "score_mean_incorrect": mean_or_none(scores[~correct & rollout.finished]),
+        "verify_timeouts": rollout.verdict_counts.get("timeout", 0),
+        "verify_errors": rollout.verdict_counts.get("error", 0),
+        "num_tokens_generated": int(lengths.sum()),
+    }
+
+
+def gather_rollouts(rollout: Rollout, world_size: int) -> Rollout:
+    """All ranks' rollouts concatenated (for metrics only); a no-op in a world of 1."""
+    if world_size == 1:
+        return rollout
+    parts: list = [None] * world_size
+    torch.distributed.all_gather_object(parts, rollout)
+    counts: dict = {}
+    for part in parts:
+        for key, value in part.verdict_counts.items():
+            counts[key] = counts.get(key, 0) + value
+    return Rollout([x for p in parts for x in p.prompts], [x for p in parts for x in p.responses],
+                   torch.cat([p.finished for p in parts]), torch.cat([p.rewards for p in parts]),
+                   torch.cat([p.old_scores for p in parts]), counts)
+
+
+@contextlib.contextmanager
+def timer(into: dict, key: str):
+    start = time.perf_counter()
+    yield
+    into[key] = time.perf_counter() - start
+
+
+def run_step(trainer: LaserTrainer, step: int) -> dict:
+    """One full step; returns its log record."""
+    sr = trainer.params.self_reward
+    phase = warmup_phase(step, sr.warmup_rl_steps, sr.warmup_self_reward_steps)
+    times: dict = {}
+    with timer(times, "gen_seconds"):
+        rollout = trainer.rollout(step)
+    advantages, adv_metrics = trainer.advantages(rollout, phase)
+    with timer(times, "train_seconds"):
+        train_metrics = trainer.train_on(rollout, advantages, phase)
+    everything = gather_rollouts(rollout, trainer.world_size)
+    record = {"step": step, "self_reward_loss_on": phase.self_reward_loss and sr.enabled,
+              "advantage_integration_on": phase.advantage_integration and sr.enabled,
+              **train_metrics, **adv_metrics, **rollout_metrics(everything), **times}
+    record.setdefault("self_reward_mse", None)
+    record["tokens_per_s"] = record["num_tokens_generated"] / max(times["gen_seconds"], 1e-9)
+    return record
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,469 @@
+"""Answer verification with math-verify in a pool of worker processes: any thread, hard per-item timeouts.
+
+``verify_batch(responses, golds, timeout_s=...)`` returns one :class:`Verdict` per response:
+
+- the predicted answer is the content of the response's last complete ``\\boxed{...}`` (or ``\\fbox{...}``),
+  found here with balanced braces; none (or an empty one) -> ``no_answer``. With ``require_single_boxed`` (the
+  official format gate) a response with more than one box is ``no_answer`` too (``pred_answer`` keeps the last);
+- ``\\boxed{pred}`` and ``\\boxed{gold}`` are parsed and compared by math-verify -> ``correct`` / ``incorrect``;
+- an item still running after ``timeout_s`` -> ``timeout``: its worker is killed and replaced, the rest of the
+  batch goes on;
+- an exception while parsing or comparing (math-verify is called with ``raise_on_error=True``), a gold answer that
+  does not parse, or a worker that dies -> ``error`` with the message. Errors are statuses, never a silent 0:
+  :func:`summarize` counts them.
+
+Why processes: math-verify's own timeouts use ``signal.alarm``, which works only in the main thread (Prefect runs
+tasks in threads) and cannot stop C-level big-integer work. Here they are disabled and the parent enforces the
+deadline instead. Workers are plain ``python -c`` subprocesses talking over two pipes: safe to start from a
+threaded parent, and, unlike multiprocessing's spawn/forkserver, they never re-import the caller's ``__main__``.
+A replaced worker needs ~1 s to import math-verify; the other workers go on meanwhile.
+
+Throughput: work goes out in chunks; a worker streams one small message per finished item, so the parent always
+knows which item is running and since when: the deadline is per item, with no re-runs. Identical
+(answer, gold) pairs in a batch are verified once. A worker caches parsed gold answers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import math
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Literal
+
+Status = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
+STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_STARTUP_TIMEOUT_S = 120.0  # importing sympy on a busy 2-core machine can take a while
+_MAX_CHUNK = 32
+_GOLD_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: Status
+    reward: int  # 1 only for "correct"
+    pred_answer: str | None  # content of the last \boxed{}; None when there is none
+    error: str | None = None  # the message, for status "error" (and "timeout")
+
+
+# ---------------------------------------------------------------------------------------------- answer extraction
+
+
+def boxed(answer: str) -> str:
+    """``answer`` wrapped in ``\\boxed{}``."""
+    return "\\boxed{" + answer + "}"
+
+
+def _find_boxes(text: str) -> list[str]:
+    """Contents of the complete, non-nested ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, in order.
+
+    Braces are balanced; escaped braces (``\\{``, ``\\}``) do not count. ``\\boxed 5`` (a single token after a
+    space, as some models write) is accepted. An unclosed box (a truncated response) is not an answer.
+    """
+    found: list[str] = []
+    pos, n = 0, len(text)
+    while True:
+        starts = [(text.find(cmd, pos), cmd) for cmd in _BOX_COMMANDS]
+        starts = [(i, cmd) for i, cmd in starts if i >= 0]
+        if not starts:
+            return found
+        start, cmd = min(starts)
+        i = start + len(cmd)
+        if i < n and (text[i].isalpha()):  # \boxedfoo is another macro
+            pos = i
+            continue
+        while i < n and text[i] == " ":
+            i += 1
+        if i < n and text[i] == "{":
+            depth, j = 0, i
+            while j < n:
+                ch = text[j]
+                if ch == "\\":
+                    j += 2
+                    continue
+                if ch == "{":
+                    depth += 1
+                elif ch == "}":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                j += 1
+            if j >= n:  # unclosed: nothing after it can be a complete box either
+                return found
+            found.append(text[i + 1 : j])
+            pos = j + 1
+        elif i > start + len(cmd) and i < n:  # "\boxed 5": up to whitespace or '$'
+            j = i
+            while j < n and not text[j].isspace() and text[j] != "$":
+                j += 1
+            found.append(text[i:j])
+            pos = j
+        else:
+            pos = i
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last complete ``\\boxed{}`` in ``text`` (stripped), or None."""
+    boxes = _find_boxes(text)
+    return boxes[-1].strip() if boxes else None
+
+
+def _gold_text(gold: object) -> str:
+    if isinstance(gold, float) and gold.is_integer():
+        gold = int(gold)
+    text = str(gold).strip()
+    inner = last_boxed(text) if "\\boxed" in text or "\\fbox" in text else None
+    return inner if inner is not None else text
+
+
+# ----------------------------------------------------------------------------------------------------- the worker
+
+
+def _quiet_math_verify() -> None:
+    import logging
+
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def check_answer(pred: str, gold: str, gold_cache: dict | None = None) -> tuple[str, str | None]:
+    """(status, error) for one extracted answer against one gold answer, in this process, with no timeout.
+
+    The workers run this; it is public for tests and single-process baselines. Never call it on untrusted
+    input from a thread that must not hang.
+    """
+    from math_verify import parse, verify
+
+    try:
+        if gold_cache is not None and gold in gold_cache:
+            gold_parsed = gold_cache[gold]
+        else:
+            gold_parsed = parse(boxed(gold), parsing_timeout=None, raise_on_error=True)
+            if gold_cache is not None:
+                if len(gold_cache) >= _GOLD_CACHE_SIZE:
+                    gold_cache.clear()
+                gold_cache[gold] = gold_parsed
+        if not gold_parsed:
+            return "error", f"gold answer could not be parsed: {gold[:200]!r}"
+        pred_parsed = parse(boxed(pred), parsing_timeout=None, raise_on_error=True)
+        if not pred_parsed:
+            return "incorrect", None
+        ok = verify(gold_parsed, pred_parsed, timeout_seconds=None, raise_on_error=True)
+    except Exception as err:  # counted as an error by the caller, never a silent 0
+        return "error", f"{type(err).__name__}: {str(err)[:300]}"
+    return ("correct" if ok else "incorrect"), None
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the parent process is gone, so an orphaned worker never keeps computing."""
+    import os
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="laser-verify-watchdog").start()
+
+
+def _worker_main(read_fd: int, write_fd: int, parent_pid: int) -> None:
+    """Entry point of a worker process (``python -c``): chunks in, one (seq, status, error) per item out."""
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    _watch_parent(parent_pid)
+    try:
+        import math_verify  # noqa: F401
+
+        _quiet_math_verify()
+    except BaseException:
+        outbox.send(("fatal", traceback.format_exc()))
+        return
+    outbox.send(("ready", None))
+    cache: dict = {}
+    while True:
+        try:
+            chunk = inbox.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        for seq, pred, gold in chunk:
+            status, err = check_answer(pred, gold, cache)
+            outbox.send((seq, status, err))
+
+
+# ----------------------------------------------------------------------------------------------------- the pool
+
+
+class _Worker:
+    """One worker process, started as ``python -c`` with two pipes (no multiprocessing start method, so no
+    re-import of the caller's ``__main__`` and nothing inherited from a threaded parent)."""
+
+    def __init__(self) -> None:
+        import os
+
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        code = f"from laser.verify import _worker_main; _worker_main({to_child_r}, {from_child_w}, {os.getpid()})"
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w),
+                                            stdin=subprocess.DEVNULL, env=env)
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self.inbox = Connection(from_child_r, writable=False)
+        self.outbox = Connection(to_child_w, readable=False)
+        self.ready = False
+        self.started = time.monotonic()
+        self.pending: collections.deque[int] = collections.deque()  # seqs sent, not yet answered, in order
+        self.deadline = math.inf
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            self.process.kill()
+        with contextlib.suppress(Exception):
+            self.process.wait(5)
+        self._close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.outbox.send(None)
+        try:
+            self.process.wait(2)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._close()
+
+    def _close(self) -> None:
+        for conn in (self.inbox, self.outbox):
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class VerifierError(RuntimeError):
+    """The verifier itself cannot run (a worker fails to start); per-item problems are Verdict statuses."""
+
+
+class VerifierPool:
+    """A long-lived pool of verifier processes; ``verify_batch`` may be called from any thread.
+
+    Calls from several threads are served one batch at a time. Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, num_workers: int = 2) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.num_workers = num_workers
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.stats = collections.Counter()  # restarts, timeouts, worker deaths over the pool's life
+
+    def __enter__(self) -> VerifierPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for worker in self._workers:
+                worker.stop()
+            self._workers = []
+
+    def start(self) -> None:
+        """Start the workers now and wait until they are ready (otherwise the first batch does it)."""
+        with self._lock:
+            self._ensure_workers()
+            for worker in self._workers:
+                while not worker.ready:
+                    self._await_ready(worker)
+
+    # -------------------------------------------------------------------------------------------------- public
+
+    def verify_batch(self, responses: Sequence[str], golds: Sequence[object], *, timeout_s: float,
+                     require_single_boxed: bool = False) -> list[Verdict]:
+        if len(responses) != len(golds):
+            raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        verdicts: list[Verdict | None] = [None] * len(responses)
+        preds: list[str | None] = []
+        jobs: dict[tuple[str, str], list[int]] = {}  # identical (answer, gold) pairs are verified once
+        for i, (response, gold) in enumerate(zip(responses, golds)):
+            boxes = _find_boxes(response or "")
+            pred = boxes[-1].strip() if boxes else None
+            preds.append(pred)
+            if not pred or (require_single_boxed and len(boxes) != 1):
+                verdicts[i] = Verdict("no_answer", 0, pred)
+                continue
+            jobs.setdefault((pred, _gold_text(gold)), []).append(i)
+        if jobs:
+            keys = list(jobs)
+            with self._lock:
+                if self._closed:
+                    raise VerifierError("the VerifierPool is closed")
+                results = self._run(keys, float(timeout_s))
+            for key, (status, err) in zip(keys, results):
+                for i in jobs[key]:
+                    verdicts[i] = Verdict(status, int(status == "correct"), preds[i], err)
+        return verdicts  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _ensure_workers(self) -> None:
+        self._workers = [w for w in self._workers if w.alive()]
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker())
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = _Worker()
+        self.stats["restarts"] += 1
+
+    def _await_ready(self, worker: _Worker) -> None:
+        left = worker.started + _STARTUP_TIMEOUT_S - time.monotonic()
+        if left <= 0 or not worker.inbox.poll(left):
+            worker.kill()
+            raise VerifierError(f"a verifier worker did not start within {_STARTUP_TIMEOUT_S:.0f} s")
+        self._handle_startup_message(worker)
+
+    def _handle_startup_message(self, worker: _Worker) -> None:
+        try:
+            kind, payload = worker.inbox.recv()
+        except (EOFError, OSError):
+            worker.kill()
+            raise VerifierError(f"a verifier worker died while starting (exit code {worker.process.poll()})") \
+                from None
+        if kind != "ready":
+            worker.kill()
+            raise VerifierError(f"a verifier worker failed to start:\n{payload}")
+        worker.ready = True
+
+    def _run(self, keys: list[tuple[str, str]], timeout_s: float) -> list[tuple[str, str | None]]:
+        try:
+            return self._dispatch(keys, timeout_s)
+        except BaseException:
+            # Failed to start, interrupted, ...: a worker still holding items would answer into the next batch.
+            for worker in self._workers:
+                if worker.pending:
+                    worker.kill()
+                    worker.pending.clear()
+            self._workers = [w for w in self._workers if w.alive()]
+            raise
+
+    def _dispatch(self, keys: list[tuple[str, str]], timeout_s: float) -> list[tuple[str, str | None]]:
+        self._ensure_workers()
+        results: list[tuple[str, str | None] | None] = [None] * len(keys)
+        queue: collections.deque[int] = collections.deque(range(len(keys)))
+        chunk_size = max(1, min(_MAX_CHUNK, math.ceil(len(keys) / (4 * self.num_workers))))
+
+        def fail_current(worker: _Worker, status: str, message: str) -> None:
+            seq = worker.pending.popleft()
+            results[seq] = (status, message)
+            queue.extendleft(reversed(worker.pending))  # the rest of its chunk goes to another worker
+            worker.pending.clear()
+            self._replace(worker)
+
+        while queue or any(w.pending for w in self._workers):
+            now = time.monotonic()
+            for worker in self._workers:
+                if not worker.pending and queue:
+                    chunk = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
+                    worker.outbox.send([(seq, *keys[seq]) for seq in chunk])
+                    worker.pending.extend(chunk)
+                    worker.deadline = now + timeout_s if worker.ready else worker.started + _STARTUP_TIMEOUT_S
+            busy = [w for w in self._workers if w.pending]
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            wait([w.inbox for w in busy], timeout=wait_s)  # a dead worker's pipe reads EOF: ready too
+            for worker in busy:
+                died = False
+                try:
+                    while worker.pending and worker.inbox.poll():
+                        message = worker.inbox.recv()
+                        if not worker.ready:
+                            if message[0] != "ready":
+                                raise VerifierError(f"a verifier worker failed to start:\n{message[1]}")
+                            worker.ready = True
+                        else:
+                            seq, status, err = message
+                            expected = worker.pending.popleft()
+                            if seq != expected:
+                                raise VerifierError(f"verifier protocol error: got item {seq}, expected {expected}")
+                            results[seq] = (status, err)
+                        worker.deadline = time.monotonic() + timeout_s
+                except (EOFError, OSError):
+                    died = True
+                if worker.pending and died:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        worker.process.wait(1)
+                    code = worker.process.poll()
+                    if not worker.ready:
+                        worker.kill()
+                        raise VerifierError(f"a verifier worker died while starting (exit code {code})")
+                    self.stats["worker_deaths"] += 1
+                    fail_current(worker, "error", f"verifier worker died (exit code {code})")
+                elif worker.pending and time.monotonic() >= worker.deadline:
+                    if not worker.ready:
+                        worker.kill()
+                        raise VerifierError(f"a verifier worker did not start within {_STARTUP_TIMEOUT_S:.0f} s")
+                    self.stats["timeouts"] += 1
+                    fail_current(worker, "timeout", f"verification took longer than {timeout_s:g} s")
+        return results  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------------------------- module-level convenience
+
+_shared_pools: dict[int, VerifierPool] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(num_workers: int = 2) -> VerifierPool:
+    """The process-wide pool for ``num_workers`` (created on first use, closed at exit)."""
+    with _shared_lock:
+        pool = _shared_pools.get(num_workers)
+        if pool is None or pool._closed:
+            pool = _shared_pools[num_workers] = VerifierPool(num_workers)
+        return pool
+
+
+@atexit.register
+def _close_shared_pools() -> None:
+    for pool in list(_shared_pools.values()):
+        with contextlib.suppress(Exception):
+            pool.close()
+
+
+def verify_batch(responses: Sequence[str], golds: Sequence[object], *, timeout_s: float,
+                 require_single_boxed: bool = False, num_workers: int = 2) -> list[Verdict]:
+    """Verify each response's last ``\\boxed{}`` against its gold answer, in the shared pool (any thread)."""
+    return shared_pool(num_workers).verify_batch(responses, golds, timeout_s=timeout_s,
+                                                 require_single_boxed=require_single_boxed)
+
+
+def summarize(verdicts: Iterable[Verdict]) -> dict:
+    """Counts per status (every status present, 0 if none), ``total`` and ``accuracy`` (correct / total)."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for verdict in verdicts:
+        counts[verdict.status] += 1
+    total = sum(counts.values())
+    return {**counts, "total": total, "accuracy": counts["correct"] / total if total else 0.0}
+

@@ -1,0 +1,107 @@
+"""Stage ref_constant: c_ref = mean log π_ref(z_c | x, y, EOS) over reference rollouts on training prompts.
+
+    python -m stages.ref_constant [--params params.yaml]
+
+Reads ``paths.train_data`` and the base model; writes ``paths.ref_constant`` (JSON: the ``laser.json`` keys
+self_reward_token, self_reward_token_id, c_ref, beta_v, plus std, min, max, n, the implied score noise β_v·std
+and a warning when it exceeds ``ref_constant.noise_warning``) and ``paths.ref_logprobs`` (CSV, DVC plot data).
+
+``self_reward.token: auto`` probes every candidate token (special/added tokens that are not EOS/BOS/PAD and not
+in the chat template) in the same generation pass and picks the one whose log-prob after EOS has the smallest
+std: the steadier c_ref, the less noise in r_s at step 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import statistics
+
+from laser.cli import StageError, stage_main
+from laser.config import Params
+from laser.io import atomic_write_json, atomic_write_text
+from laser.models import token_id, z_c_candidates
+from laser.rollouts import read_problems, tokenize_prompts
+from laser.runtime import base_model_dir, load_generator, sampling
+
+
+def candidate_tokens(tokenizer, token: str) -> list[str]:
+    if token != "auto":
+        return [token]
+    candidates = z_c_candidates(tokenizer)
+    if not candidates:
+        raise StageError("self_reward.token is 'auto' but the tokenizer has no unused special token; "
+                         "name a token in self_reward.token")
+    return candidates
+
+
+def summarize_candidates(tokens: list[str], token_ids: list[int], probe_rows: list[list[float]]) -> list[dict]:
+    """Mean/std/min/max of each candidate's log-prob after EOS. probe_rows: (n_finished, n_candidates)."""
+    stats = []
+    for j, (token, tid) in enumerate(zip(tokens, token_ids)):
+        values = [row[j] for row in probe_rows]
+        stats.append({"token": token, "token_id": tid, "mean": statistics.fmean(values),
+                      "std": statistics.pstdev(values), "min": min(values), "max": max(values)})
+    return stats
+
+
+def ref_constant(params: Params, generator, tokenizer, problems: list[dict]) -> tuple[dict, list[float]]:
+    """Sample reference rollouts, probe the candidate tokens after EOS; returns (summary, z_c log-probs)."""
+    cfg, sr = params.ref_constant, params.self_reward
+    rng = random.Random(cfg.seed)
+    chosen = rng.sample(problems, min(cfg.num_prompts, len(problems)))
+    tokens = candidate_tokens(tokenizer, sr.token)
+    ids = [token_id(tokenizer, t) for t in tokens]
+    completions = generator.generate(tokenize_prompts(tokenizer, chosen), cfg.samples_per_prompt,
+                                     sampling(params, cfg.seed), probe_token_ids=ids, progress=True)
+    probe_rows = [c.probe_logprobs for c in completions if c.probe_logprobs is not None]
+    if not probe_rows:
+        raise StageError(f"none of {len(completions)} reference rollouts finished with EOS within "
+                         f"generation.max_new_tokens={params.generation.max_new_tokens}: raise it")
+    stats = summarize_candidates(tokens, ids, probe_rows)
+    best = min(range(len(stats)), key=lambda j: stats[j]["std"])
+    z_c = stats[best]
+    noise = sr.beta_v * z_c["std"]
+    summary = {
+        "self_reward_token": z_c["token"], "self_reward_token_id": z_c["token_id"], "c_ref": z_c["mean"],
+        "beta_v": sr.beta_v, "std": z_c["std"], "min": z_c["min"], "max": z_c["max"], "n": len(probe_rows),
+        "num_rollouts": len(completions), "num_truncated": len(completions) - len(probe_rows),
+        "score_noise": noise,
+        "warning": (f"beta_v * std = {noise:.3f} exceeds {cfg.noise_warning}: the self-reward score starts noisy"
+                    if noise > cfg.noise_warning else None),
+        "selection": "auto" if sr.token == "auto" else "fixed",
+        "candidates": stats,
+    }
+    if sr.loss == "sft":
+        summary["incorrect_token"] = sr.incorrect_token
+        summary["incorrect_token_id"] = token_id(tokenizer, sr.incorrect_token)
+    return summary, [row[best] for row in probe_rows]
+
+
+def _csv(values: list[float]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["sample", "z_c_logprob"])
+    writer.writerows(enumerate(values))
+    return out.getvalue()
+
+
+def run(params: Params, _args) -> None:
+    problems = read_problems(params.paths.train_data)
+    tokenizer, _model, generator = load_generator(params, base_model_dir(params))
+    summary, values = ref_constant(params, generator, tokenizer, problems)
+    atomic_write_text(params.paths.ref_logprobs, _csv(values))
+    atomic_write_json(params.paths.ref_constant, summary)
+    print(f"c_ref = {summary['c_ref']:.3f} ± {summary['std']:.3f} for {summary['self_reward_token']!r} "
+          f"(id {summary['self_reward_token_id']}, n={summary['n']})")
+    if summary["warning"]:
+        print(f"warning: {summary['warning']}")
+
+
+def main(argv=None) -> None:
+    stage_main(run, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    main()

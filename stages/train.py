@@ -1,0 +1,154 @@
+"""Stage train: LaSeR (or the GRPO-only baseline) on DeepSpeed ZeRO-3, resumable, exported as an HF model.
+
+    python -m stages.train [--params params.yaml]                      # one process (CPU: gloo)
+    torchrun --nproc_per_node 2 -m stages.train                         # data parallel, CPU or GPU
+    deepspeed --num_gpus 8 --module stages.train                        # multi-GPU; add --hostfile for nodes
+
+Reads ``paths.train_data``, the base model and ``paths.ref_constant`` (z_c and c_ref). Writes
+``paths.trained_model`` (safetensors + tokenizer + laser.json), ``paths.train_steps`` (one JSON line per step),
+``paths.train_metrics`` and checkpoints under ``paths.checkpoints`` (every ``train.checkpoint_every`` steps).
+A re-run resumes from the latest checkpoint if it was made with the same params and data (a fingerprint is kept
+beside the checkpoints); otherwise it starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from laser import engine as ds
+from laser.cli import stage_main
+from laser.config import Params
+from laser.engine import gathered_for_generation
+from laser.io import atomic_path, atomic_write_json, atomic_write_text
+from laser.models import load_model, load_tokenizer, token_id
+from laser.rollouts import SelfRewardConfig, read_problems, read_self_reward_config, write_self_reward_config
+from laser.runtime import base_model_dir
+from laser.trainer import LaserTrainer, SelfRewardTokens, append_jsonl, run_step
+
+FINGERPRINT = "fingerprint.json"
+
+
+def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) -> str:
+    """What a checkpoint must share with this run to be resumed: the training params, the data, z_c, c_ref."""
+    relevant = {k: asdict(getattr(params, k)) for k in ("model", "self_reward", "generation", "verifier", "train")}
+    digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config)], sort_keys=True).encode())
+    digest.update(train_data.read_bytes())
+    return digest.hexdigest()
+
+
+def prepare_checkpoint_dir(ckpt_dir: Path, steps_log: Path, expected: str) -> bool:
+    """True when ``ckpt_dir`` holds checkpoints of this very run; else clear it (and the step log)."""
+    marker = ckpt_dir / FINGERPRINT
+    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == expected:
+        return (ckpt_dir / "latest").exists()
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    steps_log.unlink(missing_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"fingerprint": expected})
+    return False
+
+
+def truncate_log(steps_log: Path, last_step: int) -> None:
+    """Keep the complete lines of steps <= last_step (a crash may have left later or partial lines)."""
+    if not steps_log.exists():
+        return
+    kept = []
+    for line in steps_log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break
+    atomic_write_text(steps_log, "".join(f"{line}\n" for line in kept))
+
+
+def self_reward_tokens(params: Params, tokenizer, ref_config: SelfRewardConfig) -> SelfRewardTokens:
+    z_i = token_id(tokenizer, params.self_reward.incorrect_token) if params.self_reward.loss == "sft" else None
+    return SelfRewardTokens(z_c_id=ref_config.self_reward_token_id, c_ref=ref_config.c_ref, z_i_id=z_i)
+
+
+def export_model(engine, tokenizer, out_dir: Path, ref_config: SelfRewardConfig, rank: int) -> None:
+    """Consolidated safetensors + tokenizer + laser.json, written atomically by rank 0."""
+    with gathered_for_generation(engine) as model:  # every rank joins the gather; rank 0 writes
+        if rank == 0:
+            with atomic_path(out_dir, is_dir=True) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                write_self_reward_config(tmp, ref_config)
+
+
+def final_metrics(steps_log: Path) -> dict:
+    records = [json.loads(line) for line in steps_log.read_text().splitlines()]
+    last = records[-1]
+    tail = records[-max(1, len(records) // 4):]
+
+    def tail_mean(key: str):
+        values = [r[key] for r in tail if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    keys = ("reward_mean", "sv_f1", "sv_acc_correct", "sv_acc_incorrect", "self_reward_mse", "pg_loss")
+    return {"steps": last["step"], **{f"final_{k}": last.get(k) for k in keys},
+            **{f"last_quarter_{k}": tail_mean(k) for k in keys},
+            "gen_seconds_total": sum(r["gen_seconds"] for r in records),
+            "train_seconds_total": sum(r["train_seconds"] for r in records)}
+
+
+def train(params: Params) -> None:
+    rank, world_size = ds.init_distributed()
+    paths = params.paths
+    ref_config = read_self_reward_config(paths.ref_constant)
+    ref_config = SelfRewardConfig(ref_config.self_reward_token, ref_config.self_reward_token_id,
+                                  ref_config.c_ref, params.self_reward.beta_v)
+    model_dir = base_model_dir(params)
+    tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
+    model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code)
+    ref_model = load_model(model_dir, params.model.dtype) if params.train.kl_coef > 0 else None
+    engine = ds.initialize(model, params.train, params.model.dtype, world_size)
+    steps_log, ckpt_dir = Path(paths.train_steps), Path(paths.checkpoints)
+    start = 0
+    if rank == 0:
+        resumable = prepare_checkpoint_dir(ckpt_dir, steps_log, fingerprint(params, Path(paths.train_data),
+                                                                              ref_config))
+    if world_size > 1:
+        torch.distributed.barrier()
+    if (ckpt_dir / "latest").exists() and (rank != 0 or resumable):
+        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        start = client_state["step"]
+        if rank == 0:
+            truncate_log(steps_log, start)
+            print(f"resumed from checkpoint at step {start}")
+    trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
+                           self_reward_tokens(params, tokenizer, ref_config), rank, world_size, ref_model)
+    steps_log.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(start + 1, params.train.steps + 1), desc="train", disable=rank != 0, initial=start,
+               total=params.train.steps)
+    for step in bar:
+        record = run_step(trainer, step)
+        if rank == 0:
+            append_jsonl(steps_log, record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", sv_f1=_fmt(record["sv_f1"]),
+                            mse=_fmt(record["self_reward_mse"]))
+        if step % params.train.checkpoint_every == 0 or step == params.train.steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank)
+    if rank == 0:
+        atomic_write_json(paths.train_metrics, final_metrics(steps_log))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(argv=None) -> None:
+    stage_main(lambda params, _args: train(params), __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    main()
