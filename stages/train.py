@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from laser import engine as ds
-from laser.cli import stage_main
+from laser.cli import StageError, stage_main
 from laser.config import Params
 from laser.engine import gathered_for_generation
 from laser.io import atomic_path, atomic_write_json, atomic_write_text
@@ -38,6 +38,8 @@ FINGERPRINT = "fingerprint.json"
 def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) -> str:
     """What a checkpoint must share with this run to be resumed: the training params, the data, z_c, c_ref."""
     relevant = {k: asdict(getattr(params, k)) for k in ("model", "self_reward", "generation", "verifier", "train")}
+    relevant["train"].pop("steps")  # training longer continues the same run
+    relevant["train"].pop("checkpoint_every")
     digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config)], sort_keys=True).encode())
     digest.update(train_data.read_bytes())
     return digest.hexdigest()
@@ -102,6 +104,9 @@ def final_metrics(steps_log: Path) -> dict:
 
 def train(params: Params) -> None:
     rank, world_size = ds.init_distributed()
+    if params.train.prompts_per_step % world_size or params.train.mini_batch_size % world_size:
+        raise StageError(f"train.prompts_per_step={params.train.prompts_per_step} and train.mini_batch_size="
+                         f"{params.train.mini_batch_size} must be multiples of the {world_size} processes")
     paths = params.paths
     ref_config = read_self_reward_config(paths.ref_constant)
     ref_config = SelfRewardConfig(ref_config.self_reward_token, ref_config.self_reward_token_id,

@@ -1,0 +1,213 @@
+"""``flows.pipeline.laser_pipeline`` with real DVC and real Prefect on a tiny toy DVC project.
+
+The toy project (built in tmp) has a chain a -> b -> r@x, r@y (foreach) -> c, written in dvc.yaml in reverse so
+the order must come from the DAG, not from the file. Every stage runs ``step.py``, which appends its name to
+``runs.log`` (outside the outs: a record of which commands really ran) and obeys fault markers in ``faults/``:
+``<stage>.kill_once`` (SIGKILL itself once: a transient fault) and ``<stage>.bad_params`` (exit 2 with a
+``params:`` line, as laser.cli does).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ORDER = ["a", "b", "r@x", "r@y", "c"]
+
+STEP = '''
+import json, os, signal, sys
+from pathlib import Path
+
+name, out, *inputs = sys.argv[1:]
+with open("runs.log", "a") as log:
+    log.write(name + "\\n")
+faults = Path("faults")
+if (faults / f"{name}.kill_once").exists():
+    (faults / f"{name}.kill_once").unlink()
+    os.kill(os.getpid(), signal.SIGKILL)
+if (faults / f"{name}.bad_params").exists():
+    print(f"params: toy.{name} = 1 is invalid; allowed: a number > 1", file=sys.stderr)
+    sys.exit(2)
+Path(out).parent.mkdir(parents=True, exist_ok=True)
+Path(out).write_text(name + "".join(Path(i).read_text() for i in inputs))
+if name == "c":
+    Path("out/metrics.json").write_text(json.dumps({"accuracy": 0.75, "sv": {"f1": 0.5}}))
+    Path("out/report.md").write_text("# toy report\\n")
+'''
+
+DVC_YAML = '''
+stages:
+  c:
+    cmd: python step.py c out/c.txt out/r_x.txt out/r_y.txt
+    deps: [step.py, out/r_x.txt, out/r_y.txt]
+    outs: [out/c.txt, out/report.md]
+    metrics:
+      - out/metrics.json:
+          cache: false
+  r:
+    foreach: [x, y]
+    do:
+      cmd: python step.py r@${item} out/r_${item}.txt out/b.txt
+      deps:
+        - step.py
+        - out/b.txt
+      outs:
+        - out/r_${item}.txt
+  b:
+    cmd: python step.py b out/b.txt out/a.txt
+    deps: [step.py, out/a.txt]
+    outs: [out/b.txt]
+  a:
+    cmd: python step.py a out/a.txt
+    deps: [step.py]
+    outs: [out/a.txt]
+'''
+
+PARAMS = {"paths": {"eval_metrics": "out/metrics.json", "eval_report": "out/report.md"},
+          "flow": {"retries": 2, "retry_delay_s": 0, "retry_backoff": 1}}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def toy_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy-template")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    (root / "step.py").write_text(STEP)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    (root / "profiles").mkdir()
+    (root / "profiles" / "noretry.yaml").write_text("flow:\n  retries: 0\n")
+    (root / "faults").mkdir()
+    return root
+
+
+@pytest.fixture
+def toy(toy_template, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "toy"
+    shutil.copytree(toy_template, root)
+    site = tmp_path / "dvc-site"
+    (root / ".dvc" / "config").write_text(textwrap.dedent(f"""\
+        [core]
+            no_scm = True
+            analytics = false
+            site_cache_dir = {site}
+        """))
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(site))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    return root
+
+
+def runs(root: Path) -> list[str]:
+    log = root / "runs.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def statuses(summary: dict) -> dict[str, str]:
+    return {name: result["status"] for name, result in summary["stages"].items()}
+
+
+def test_dag_from_dvc(toy):
+    from flows.pipeline import forced_stages, read_dag, stage_order
+
+    dag = read_dag(toy)
+    assert stage_order(dag) == ORDER
+    assert set(dag.edges) == {("a", "b"), ("b", "r@x"), ("b", "r@y"), ("r@x", "c"), ("r@y", "c")}
+    assert forced_stages(dag, "b") == {"b", "r@x", "r@y", "c"}
+    assert forced_stages(dag, "r") == {"r@x", "r@y", "c"}  # a foreach group
+    assert forced_stages(dag, None) == set()
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        forced_stages(dag, "nope")
+
+
+def test_runs_every_stage_in_dag_order_then_nothing(prefect_api, toy):
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import METRICS_ARTIFACT, REPORT_ARTIFACT, laser_pipeline
+
+    summary = laser_pipeline(repo_root=str(toy))
+    assert summary["order"] == ORDER
+    assert runs(toy) == ORDER
+    assert statuses(summary) == dict.fromkeys(ORDER, "ran")
+    for out in ("a", "b", "r_x", "r_y", "c"):
+        assert (toy / "out" / f"{out}.txt").is_file()
+    assert (toy / "out" / "c.txt").read_text() == "cr@xbar@yba"
+    assert summary["report"] == str(toy / "out" / "report.md")
+    assert summary["metrics"] == {str(toy / "out" / "metrics.json"): {"accuracy": 0.75, "sv": {"f1": 0.5}}}
+
+    table = Artifact.get(METRICS_ARTIFACT)
+    assert table is not None and table.type == "table"
+    assert "sv.f1" in str(table.data) and "0.75" in str(table.data)
+    report = Artifact.get(REPORT_ARTIFACT)
+    assert report is not None and str(toy / "out" / "report.md") in str(report.data)
+
+    again = laser_pipeline(repo_root=str(toy))  # nothing changed: DVC runs no stage command
+    assert runs(toy) == ORDER
+    assert statuses(again) == dict.fromkeys(ORDER, "unchanged")
+
+
+def test_force_reruns_the_stage_and_downstream_only(prefect_api, toy):
+    from flows.pipeline import laser_pipeline
+
+    laser_pipeline(repo_root=str(toy))
+    forced = laser_pipeline(repo_root=str(toy), force="b")
+    assert runs(toy) == [*ORDER, "b", "r@x", "r@y", "c"]
+    assert statuses(forced) == {"a": "unchanged", "b": "ran", "r@x": "ran", "r@y": "ran", "c": "ran"}
+    assert forced["stages"]["b"]["forced"] and not forced["stages"]["a"]["forced"]
+
+
+def test_transient_fault_is_retried(prefect_api, toy):
+    from flows.pipeline import laser_pipeline
+
+    (toy / "faults" / "b.kill_once").touch()
+    summary = laser_pipeline(repo_root=str(toy))
+    assert runs(toy) == ["a", "b", "b", "r@x", "r@y", "c"]  # b killed by SIGKILL once, then retried
+    assert summary["stages"]["b"]["attempt"] == 2
+    assert statuses(summary) == dict.fromkeys(ORDER, "ran")
+
+
+def test_bad_params_failure_is_not_retried(prefect_api, toy):
+    from flows.pipeline import PipelineError, laser_pipeline
+
+    (toy / "faults" / "b.bad_params").touch()
+    with pytest.raises(PipelineError, match=r"params: toy\.b = 1 is invalid") as err:
+        laser_pipeline(repo_root=str(toy))
+    assert runs(toy) == ["a", "b"]  # one attempt despite flow.retries = 2; downstream never started
+    assert "skipped (upstream failed): r@x, r@y, c" in str(err.value)
+
+
+def test_bad_params_file_fails_before_any_stage(prefect_api, toy):
+    from flows.pipeline import laser_pipeline
+    from laser.config import ParamsError
+
+    bad = json.loads(json.dumps(PARAMS))
+    bad["flow"]["retries"] = -1
+    (toy / "params.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match=r"flow\.retries"):
+        laser_pipeline(repo_root=str(toy))
+    assert runs(toy) == []
+
+
+def test_profile_rewrites_params_and_applies(prefect_api, toy):
+    from flows.pipeline import PipelineError, laser_pipeline
+
+    (toy / "faults" / "a.kill_once").touch()
+    with pytest.raises(PipelineError, match="SIGKILL"):
+        laser_pipeline(repo_root=str(toy), profile="noretry")  # flow.retries: 0, so the fault is final
+    assert yaml.safe_load((toy / "params.yaml").read_text())["flow"]["retries"] == 0
+    assert runs(toy) == ["a"]

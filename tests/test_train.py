@@ -1,0 +1,233 @@
+"""The DeepSpeed ZeRO-3 LaSeR trainer on a tiny random model, CPU, real engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from laser import engine as ds
+from laser.batch import collate, policy_forward
+from laser.config import Params, TrainParams, build
+from laser.models import load_model, load_tokenizer, token_id
+from laser.schedule import Phase
+from laser.score import self_reward_score
+from laser.trainer import LaserTrainer, Rollout, SelfRewardTokens, run_step
+
+ROOT = Path(__file__).resolve().parents[1]
+C_REF = -11.5
+
+
+def _problems(tokenizer, n=8):
+    out = []
+    for i in range(n):
+        a, b = i % 10, (3 * i + 1) % 10
+        question = f"What is {a} + {b}?"
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        out.append({"id": f"p{i}", "problem": question, "answer": str(a + b), "prompt": prompt})
+    return out
+
+
+def _params(repo_cache, **train) -> Params:
+    base = {"paths": {"cache_dir": str(repo_cache)}, "model": {"name": "tiny-random"},
+            "self_reward": {"token": "<|z_c|>"}, "generation": {"max_new_tokens": 40, "batch_size": 8},
+            "train": {"steps": 3, "prompts_per_step": 2, "group_size": 4, "mini_batch_size": 8,
+                      "micro_batch_size": 4, "lr": 1e-3, **train}}
+    return build(Params, base)
+
+
+@pytest.fixture
+def make_trainer(tiny_model_dir, repo_cache):
+    ds.init_distributed()
+    engines = []
+
+    def make(params: Params | None = None, **train) -> LaserTrainer:
+        params = params or _params(repo_cache, **train)
+        tokenizer = load_tokenizer(tiny_model_dir)
+        engine = ds.initialize(load_model(tiny_model_dir), params.train, "float32", world_size=1)
+        engines.append(engine)
+        tokens = SelfRewardTokens(z_c_id=token_id(tokenizer, "<|z_c|>"), c_ref=C_REF)
+        return LaserTrainer(params, engine, tokenizer, _problems(tokenizer), tokens)
+
+    yield make
+    for engine in engines:
+        engine.destroy()
+
+
+def _flat_params(engine) -> torch.Tensor:
+    with ds.gathered_for_generation(engine) as model:
+        return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+def test_engine_is_zero3_and_steps_change_parameters(make_trainer):
+    trainer = make_trainer()
+    assert trainer.engine.zero_optimization_stage() == 3
+    before = _flat_params(trainer.engine)
+    records = [run_step(trainer, step) for step in (1, 2, 3)]
+    after = _flat_params(trainer.engine)
+    assert not torch.equal(before, after)
+    for record in records:
+        assert all(v is None or not isinstance(v, float) or torch.isfinite(torch.tensor(v)) for v in record.values())
+        assert record["gen_seconds"] > 0 and record["train_seconds"] > 0
+        assert 0 <= record["reward_mean"] <= 1
+    # gathering for generation restores the ZeRO-3 hooks: a further step still trains
+    run_step(trainer, 4)
+    assert not torch.equal(after, _flat_params(trainer.engine))
+
+
+def _fixed_rollout(trainer) -> Rollout:
+    """Real prompts with two easily told-apart kinds of finished response: 'correct' and 'incorrect' ones."""
+    prompts = [trainer.prompt_ids[i] for i in range(4) for _ in range(trainer.train.group_size)]
+    n, eos = len(prompts), trainer.tokenizer.eos_token_id
+    texts = ["The answer is \\boxed{7}.", "I am not sure, maybe a dog."]
+    responses = [trainer.tokenizer(texts[i % 2], add_special_tokens=False)["input_ids"] + [eos] for i in range(n)]
+    rewards = torch.tensor([float(i % 2 == 0) for i in range(n)])  # both classes in every group
+    return Rollout(prompts, responses, torch.ones(n, dtype=torch.bool), rewards, torch.zeros(n), {})
+
+
+def _z_c_logprobs(trainer, rollout) -> torch.Tensor:
+    batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), trainer.tokens.z_c_id,
+                    trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        return policy_forward(trainer.engine, batch)[1]
+
+
+def test_mse_alone_moves_scores_toward_rewards(make_trainer, repo_cache):
+    params = _params(repo_cache, lr=3e-3)
+    params = replace(params, self_reward=replace(params.self_reward, alpha=1.0))
+    trainer = make_trainer(params)
+    rollout = _fixed_rollout(trainer)
+    # c_ref set so that every score starts near 0.5: both classes have room to move toward their target
+    c_ref = float(_z_c_logprobs(trainer, rollout).mean()) - 5.0
+    trainer.tokens = replace(trainer.tokens, c_ref=c_ref)
+    zero_advantages = torch.zeros(len(rollout.responses))  # the policy-gradient term contributes no gradient
+    correct = rollout.rewards > 0.5
+    first = self_reward_score(_z_c_logprobs(trainer, rollout), c_ref, 0.1)
+    mse = [trainer.train_on(rollout, zero_advantages, Phase(True, False))["self_reward_mse"] for _ in range(8)]
+    last = self_reward_score(_z_c_logprobs(trainer, rollout), c_ref, 0.1)
+    assert mse[-1] < 0.5 * mse[0], mse
+    assert (1 - last[correct]).abs().mean() < 0.7 * (1 - first[correct]).abs().mean()
+    assert last[~correct].abs().mean() < 0.7 * first[~correct].abs().mean()
+
+
+def test_grpo_only_and_laser_differ_by_alpha_mse(make_trainer, repo_cache):
+    laser_params = _params(repo_cache)
+    baseline_params = replace(laser_params, self_reward=replace(laser_params.self_reward, enabled=False))
+    trainer = make_trainer(laser_params)
+    rollout = _fixed_rollout(trainer)
+    batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), trainer.tokens.z_c_id,
+                    trainer.tokenizer.pad_token_id)
+    advantages = torch.linspace(-1, 1, len(rollout.responses))
+    counts = trainer._global_counts(batch, rollout.rewards)
+    laser_loss, metrics = trainer._micro_loss(batch, rollout.rewards, advantages, None, Phase(True, True), counts)
+    trainer.params = baseline_params
+    grpo_loss, _ = trainer._micro_loss(batch, rollout.rewards, advantages, None, Phase(True, True), counts)
+    assert metrics["self_reward_mse"] > 0
+    assert laser_loss.item() - grpo_loss.item() == pytest.approx(0.1 * metrics["self_reward_mse"], rel=1e-6)
+
+
+def test_lr_schedule():
+    train = TrainParams(steps=4, prompts_per_step=2, group_size=2, mini_batch_size=4, micro_batch_size=4,
+                        warmup_steps=2, lr_schedule="linear")
+    factor = ds.lr_lambda(train)
+    assert [factor(i) for i in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+# --------------------------------------------------------------------------------------- the stage, as a process
+
+
+def _stage_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture
+def train_workdir(tmp_path, tiny_model_dir, repo_cache):
+    """A work dir with params, a train parquet and a ref_constant JSON, ready for `python -m stages.train`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(_problems(tokenizer, 16)), tmp_path / "data" / "train.parquet")
+    (tmp_path / "ref").mkdir()
+    z_c = token_id(tokenizer, "<|z_c|>")
+    (tmp_path / "ref" / "ref_constant.json").write_text(json.dumps(
+        {"self_reward_token": "<|z_c|>", "self_reward_token_id": z_c, "c_ref": C_REF, "beta_v": 0.1}))
+    params = {"paths": {"cache_dir": str(repo_cache)}, "model": {"name": "tiny-random"},
+              "self_reward": {"token": "<|z_c|>"}, "generation": {"max_new_tokens": 40, "batch_size": 8},
+              "train": {"steps": 6, "prompts_per_step": 2, "group_size": 4, "mini_batch_size": 4,
+                        "micro_batch_size": 2, "lr": 1e-3, "checkpoint_every": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def _steps(workdir: Path) -> dict[int, dict]:
+    lines = (workdir / "train" / "steps.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_path_factory):
+    import shutil
+
+    uninterrupted = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copytree(train_workdir, uninterrupted, dirs_exist_ok=True)
+    cmd = [sys.executable, "-m", "stages.train"]
+    subprocess.run(cmd, cwd=uninterrupted, env=_stage_env(), check=True, capture_output=True)
+    reference = _steps(uninterrupted)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    exported = uninterrupted / "models" / "trained"
+    assert (exported / "model.safetensors").exists() and (exported / "laser.json").exists()
+    assert json.loads((exported / "laser.json").read_text())["c_ref"] == C_REF
+
+    proc = subprocess.Popen(cmd, cwd=train_workdir, env=_stage_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = train_workdir / "checkpoints" / "train" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() in ("step2", "step3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int(latest.read_text().strip().removeprefix("step"))
+    assert not (train_workdir / "models" / "trained").exists()  # no half-written export
+
+    resumed = subprocess.run(cmd, cwd=train_workdir, env=_stage_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from checkpoint at step {killed_at}" in resumed.stdout
+    after = _steps(train_workdir)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    for step in range(killed_at + 1, 7):
+        for key in ("pg_loss", "self_reward_mse", "reward_mean", "response_length"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun(train_workdir):
+    params = yaml.safe_load((train_workdir / "params.yaml").read_text())
+    params["train"].update(steps=2, checkpoint_every=2)
+    (train_workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(ds._free_port()), "-m", "stages.train"]  # port 0 hangs the static rendezvous
+    done = subprocess.run(cmd, cwd=train_workdir, env=_stage_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = _steps(train_workdir)
+    assert sorted(steps) == [1, 2]
+    # metrics cover both ranks' samples: 2 prompts x 4 samples, each rank generating one group
+    assert all(0 <= r["reward_mean"] <= 1 for r in steps.values())
+    assert (train_workdir / "models" / "trained" / "model.safetensors").exists()
