@@ -122,10 +122,10 @@ class SourceParams:
     num_problems: int = 1000
     seed: int = 0
     min_digits: int = 1
-    max_digits: int = 2
+    max_digits: int = 1  # SmolLM2-135M-Instruct: ~64% right on one-digit +/-, ~10% with a two-digit operand
     max_operations: int = 1
     operators: tuple[str, ...] = ("+", "-")
-    word_fraction: float = 0.25  # share of one-operation problems phrased as a short word problem
+    word_fraction: float = 0.25  # share of one-operation problems phrased as a short word problem (harder)
 
     def validate(self, key: str) -> None:
         if self.kind in ("jsonl", "parquet"):
@@ -153,8 +153,7 @@ class PrepareParams:
     # SmolLM2-135M-Instruct boxes its answer only after seeing examples (0/32 with the instruction alone)
     few_shot: tuple[FewShotTurn, ...] = (
         FewShotTurn("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}."),
-        FewShotTurn("Sam has 15 marbles and gives away 6. How many marbles does Sam have left?",
-                    "15 - 6 = 9. The answer is \\boxed{9}."),
+        FewShotTurn("What is 9 - 5?", "9 - 5 = 4. The answer is \\boxed{4}."),
     )
     prompt_format: Literal["chat", "plain"] = "chat"
     max_prompt_tokens: int = 512

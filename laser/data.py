@@ -202,18 +202,15 @@ def _operand(rng: random.Random, source: SourceParams) -> int:
     return rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10**digits - 1)
 
 
-def synthetic_problem(rng: random.Random, source: SourceParams) -> tuple[str, int]:
-    """One problem and its exact integer answer (never negative), drawn from ``rng``."""
-    while True:
-        count = rng.randint(1, source.max_operations)
-        operators = [rng.choice(source.operators) for _ in range(count)]
-        values = [_operand(rng, source) for _ in range(count + 1)]
-        if count == 1 and operators[0] == "-" and values[0] < values[1]:
+def _draw_problem(rng: random.Random, source: SourceParams, operators: list[str], word: bool) -> tuple[str, int]:
+    while True:  # a non-negative answer exists for every shape; a few draws find one
+        values = [_operand(rng, source) for _ in range(len(operators) + 1)]
+        if len(operators) == 1 and operators[0] == "-" and values[0] < values[1]:
             values.reverse()
         answer = evaluate_expression(values, operators)
         if answer >= 0:
             break
-    if count == 1 and rng.random() < source.word_fraction:
+    if word:
         template = rng.choice(_WORD_TEMPLATES[operators[0]])
         text = template.format(name=rng.choice(_NAMES), obj=rng.choice(_OBJECTS), a=values[0], b=values[1])
     else:
@@ -222,19 +219,34 @@ def synthetic_problem(rng: random.Random, source: SourceParams) -> tuple[str, in
     return text, answer
 
 
-def generate_synthetic(source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:
-    """Distinct synthetic problems in a fixed order for ``source.seed``; the caller takes as many as it needs.
+def synthetic_problem(rng: random.Random, source: SourceParams, avoid: set[str] | frozenset = frozenset(),
+                      tries: int = 20) -> tuple[str, int]:
+    """One problem and its exact integer answer (never negative), drawn from ``rng``.
 
-    Stops (with no error) when the difficulty settings allow no new problem within many draws.
+    The shape (number of operations, operators, word problem or not) is drawn first, then up to ``tries`` draws of
+    numbers and wording look for a text not in ``avoid``; if the shape has none left, the last draw is returned.
+    """
+    count = rng.randint(1, source.max_operations)
+    operators = [rng.choice(source.operators) for _ in range(count)]
+    word = count == 1 and rng.random() < source.word_fraction
+    for _ in range(tries):
+        text, answer = _draw_problem(rng, source, operators, word)
+        if text not in avoid:
+            break
+    return text, answer
+
+
+def generate_synthetic(source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:
+    """An endless, seeded stream of synthetic problems; the caller takes as many as it needs.
+
+    Problems are distinct while the settings allow: when every problem of a shape has been produced (one-digit
+    ``a + b`` has 81), that shape repeats rather than being skipped, so the mix of shapes stays as configured.
     """
     rng = random.Random(f"laser-synthetic-{source.seed}")
     seen: set[str] = set()
-    misses, number = 0, 0
-    while misses < 1000 + 10 * len(seen):
-        text, answer = synthetic_problem(rng, source)
-        if text in seen:
-            misses += 1
-            continue
+    number = 0
+    while True:
+        text, answer = synthetic_problem(rng, source, seen)
         seen.add(text)
         number += 1
         yield Row(f"{id_prefix}-{number:06d}", text, str(answer), number)

@@ -150,31 +150,39 @@ def _build_tiny_random(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _teach_answer_format(model, tokenizer, steps: int = 150, batch_size: int = 16, seed: int = 0) -> None:
-    """A few seconds of next-token training on 'a + b' chats, so the tiny model ends its answers with EOS and
-    boxes a number: a purely random model never emits EOS, which leaves nothing to score after it. Its
-    arithmetic stays poor, so rollouts hold both correct and incorrect answers."""
+def _teach_answer_format(model, tokenizer, steps: int = 300, batch_size: int = 16, seed: int = 0) -> None:
+    """A few seconds of next-token training on chats about one-digit synthetic sums (the pipeline's own prompt
+    shape: instruction, problem; the answer boxed), so the tiny model ends its answers with EOS and boxes a
+    number. A purely random model never emits EOS, which leaves nothing to score after it. Its arithmetic stays
+    poor, so rollouts hold both correct and incorrect answers."""
     import random
 
     import torch
 
+    from laser.config import PrepareParams, SourceParams
+    from laser.data import synthetic_problem
+
     rng = random.Random(seed)
+    source = SourceParams(kind="synthetic", min_digits=1, max_digits=1, operators=("+",))
+    instruction = PrepareParams().instruction
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds sync cost (25x slower on a busy machine)
     for _ in range(steps):
         texts = []
         for _ in range(batch_size):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            chat = [{"role": "user", "content": f"What is {a} + {b}?"},
-                    {"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}]
+            problem, answer = synthetic_problem(rng, source)
+            chat = [{"role": "user", "content": f"{instruction}\n\n{problem}"},
+                    {"role": "assistant", "content": f"The answer is \\boxed{{{answer}}}."}]
             texts.append(tokenizer.apply_chat_template(chat, tokenize=False))
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
+        model(**batch, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    torch.set_num_threads(threads)
     model.eval()
 
 

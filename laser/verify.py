@@ -29,6 +29,7 @@ import atexit
 import collections
 import contextlib
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -137,26 +138,60 @@ def _quiet_math_verify() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+_INTEGER = re.compile(r"[+-]?\d{1,100}")
+_FRACTION = re.compile(r"(-?)\\[dt]?frac\{(-?\d{1,100})\}\{(\d{1,100})\}")
+_SLASH = re.compile(r"(-?\d{1,100})/(\d{1,100})")
+
+
+def fast_parse(answer: str) -> list | None:
+    """What ``math_verify.parse(boxed(answer))`` returns, built directly for plain integers and integer
+    fractions (``\\frac``, ``\\dfrac``, ``\\tfrac``, ``a/b``), or None for anything else.
+
+    Latex parsing is ~1 ms per answer, nearly all of the verification time of typical answers; this skips it.
+    tests/test_verify.py checks it against ``parse`` on many strings.
+    """
+    from sympy import Integer, Rational
+
+    if _INTEGER.fullmatch(answer):
+        return [Integer(int(answer)), answer]
+    match = _FRACTION.fullmatch(answer)
+    if match and int(match[3]) != 0:
+        sign, num, den = match.groups()
+        value = Rational(int(num), int(den))
+        return [-value if sign else value, re.sub(r"\\[dt]frac", r"\\frac", answer, count=1)]
+    match = _SLASH.fullmatch(answer)
+    if match and int(match[2]) != 0:
+        return [Rational(int(match[1]), int(match[2])), f"\\frac{{{match[1]}}}{{{match[2]}}}"]
+    return None
+
+
+def _parse(answer: str) -> list:
+    from math_verify import parse
+
+    fast = fast_parse(answer)
+    return fast if fast is not None else parse(boxed(answer), parsing_timeout=None, raise_on_error=True)
+
+
 def check_answer(pred: str, gold: str, gold_cache: dict | None = None) -> tuple[str, str | None]:
     """(status, error) for one extracted answer against one gold answer, in this process, with no timeout.
 
     The workers run this; it is public for tests and single-process baselines. Never call it on untrusted
     input from a thread that must not hang.
     """
-    from math_verify import parse, verify
+    from math_verify import verify
 
     try:
         if gold_cache is not None and gold in gold_cache:
             gold_parsed = gold_cache[gold]
         else:
-            gold_parsed = parse(boxed(gold), parsing_timeout=None, raise_on_error=True)
+            gold_parsed = _parse(gold)
             if gold_cache is not None:
                 if len(gold_cache) >= _GOLD_CACHE_SIZE:
                     gold_cache.clear()
                 gold_cache[gold] = gold_parsed
         if not gold_parsed:
             return "error", f"gold answer could not be parsed: {gold[:200]!r}"
-        pred_parsed = parse(boxed(pred), parsing_timeout=None, raise_on_error=True)
+        pred_parsed = _parse(pred)
         if not pred_parsed:
             return "incorrect", None
         ok = verify(gold_parsed, pred_parsed, timeout_seconds=None, raise_on_error=True)
@@ -178,7 +213,16 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="laser-verify-watchdog").start()
 
 
-def _worker_main(read_fd: int, write_fd: int, parent_pid: int) -> None:
+# One of each common LaTeX construct: parsing each kind the first time costs ~0.1 s of lazy initialisation.
+WARMUP_PAIRS = (
+    ("\\frac{\\sqrt{3}}{2}+x", "\\dfrac{\\sqrt3}{2}+x"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)"),
+    ("[1,2) \\cup (3, \\infty)", "x>1"), ("2.5", "\\frac52"), ("\\text{(A)}", "A"), ("x^2+2x+1", "(x+1)^2"),
+    ("10\\%", "0.1"), ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1,2)"), ("y = 2x+1", "2x+1"),
+    ("5\\sqrt{2}", "\\sqrt{50}"), ("\\{1,2\\}", "1,2"), ("3^\\circ", "3"), ("\\$5.00", "5"), ("\\log_2 8", "3"),
+)
+
+
+def _worker_main(read_fd: int, write_fd: int, parent_pid: int, warmup: bool = False) -> None:
     """Entry point of a worker process (``python -c``): chunks in, one (seq, status, error) per item out."""
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     _watch_parent(parent_pid)
@@ -186,6 +230,9 @@ def _worker_main(read_fd: int, write_fd: int, parent_pid: int) -> None:
         import math_verify  # noqa: F401
 
         _quiet_math_verify()
+        if warmup:
+            for pred, gold in WARMUP_PAIRS:
+                check_answer(pred, gold)
     except BaseException:
         outbox.send(("fatal", traceback.format_exc()))
         return
@@ -210,7 +257,7 @@ class _Worker:
     """One worker process, started as ``python -c`` with two pipes (no multiprocessing start method, so no
     re-import of the caller's ``__main__`` and nothing inherited from a threaded parent)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: bool = False) -> None:
         import os
 
         to_child_r, to_child_w = os.pipe()
@@ -218,7 +265,8 @@ class _Worker:
         root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        code = f"from laser.verify import _worker_main; _worker_main({to_child_r}, {from_child_w}, {os.getpid()})"
+        code = (f"from laser.verify import _worker_main; "
+                f"_worker_main({to_child_r}, {from_child_w}, {os.getpid()}, {warmup})")
         try:
             self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w),
                                             stdin=subprocess.DEVNULL, env=env)
@@ -267,10 +315,13 @@ class VerifierPool:
     Calls from several threads are served one batch at a time. Use as a context manager or call ``close()``.
     """
 
-    def __init__(self, num_workers: int = 2) -> None:
+    def __init__(self, num_workers: int = 2, *, warmup: bool = False) -> None:
+        """``warmup``: each worker parses a few LaTeX forms before it reports ready (~1 s CPU), so the first
+        MATH-style answers do not pay math-verify's lazy initialisation; useless for integer answers."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
+        self.warmup = warmup
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -332,11 +383,11 @@ class VerifierPool:
     def _ensure_workers(self) -> None:
         self._workers = [w for w in self._workers if w.alive()]
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker())
+            self._workers.append(_Worker(self.warmup))
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker()
+        self._workers[self._workers.index(worker)] = _Worker(self.warmup)
         self.stats["restarts"] += 1
 
     def _await_ready(self, worker: _Worker) -> None:
@@ -388,7 +439,16 @@ class VerifierPool:
             for worker in self._workers:
                 if not worker.pending and queue:
                     chunk = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
-                    worker.outbox.send([(seq, *keys[seq]) for seq in chunk])
+                    try:
+                        worker.outbox.send([(seq, *keys[seq]) for seq in chunk])
+                    except OSError:  # it died while idle: put the chunk back, start another
+                        queue.extendleft(reversed(chunk))
+                        if not worker.ready:
+                            worker.kill()
+                            raise VerifierError("a verifier worker died while starting") from None
+                        self.stats["worker_deaths"] += 1
+                        self._replace(worker)
+                        continue
                     worker.pending.extend(chunk)
                     worker.deadline = now + timeout_s if worker.ready else worker.started + _STARTUP_TIMEOUT_S
             busy = [w for w in self._workers if w.pending]

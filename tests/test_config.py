@@ -44,7 +44,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ({"nonsense": 1}, ["unknown key nonsense"]),
         ({"self_reward": {"loss": "bce2"}}, ["self_reward.loss", "'bce2'", "'mse' | 'sft'"]),
         ({"self_reward": {"loss": "sft"}}, ["self_reward.incorrect_token", "None"]),
-        ({"generation": {"backend": "tgi"}}, ["generation.backend", "'hf' | 'vllm'"]),
+        ({"generation": {"backend": "tgi"}}, ["generation.backend", "'hf'"]),
         ({"prepare": {"train": {"kind": "jsonl"}}}, ["prepare.train.path", "a file path"]),
         ({"prepare": {"train": {"path": "x.jsonl"}}}, ["missing required key prepare.train.kind"]),
         ({"prepare": {"eval_sets": {"a": {"kind": "synthetic", "operators": ["/"]}}}},

@@ -1,0 +1,268 @@
+"""Stage prepare: the train set and every named eval set as parquet, with stats and a rejects file.
+
+    python -m stages.prepare [--params params.yaml]
+
+Sources (``prepare.train``, ``prepare.eval_sets.<name>``; see ``laser.config.SourceParams``): the seeded
+``synthetic`` arithmetic generator, local ``jsonl`` / ``parquet`` files (``problem_field``, ``answer_field``,
+``id_field`` map the columns; GSM8K ``#### N`` answers and ``\\boxed{}`` solutions give the final answer; numeric
+answers are stringified), or a Hugging Face dataset (``hf``; offline it fails with one line naming it).
+
+Outputs, each written atomically:
+
+- ``paths.train_data`` and ``{paths.eval_data_dir}/<name>.parquet``, one row per problem, with the schema
+  :data:`SCHEMA`:
+
+  ====================  ===========================================  ==============================================
+  ``id``                string, unique within the file                ``id_field`` value, else ``<set>-<n:06d>``
+  ``source``            string                                        ``synthetic``, the file path, ``hf:<name>``
+  ``split``             string                                        the source's ``split`` label
+  ``problem``           string                                        the problem text, stripped
+  ``answer``            string                                        the clean gold answer (``18``, ``\\frac{1}{2}``)
+  ``messages``          list<struct<role: string, content: string>>   few-shot user/assistant turns, then the
+                                                                      problem; the first user turn starts with
+                                                                      ``prepare.instruction``
+  ``prompt``            string                                        the rendered prompt text: the chat template
+                                                                      with the generation prompt, or the plain
+                                                                      ``Question: ...\\nAnswer:`` template
+  ``prompt_tokens``     int64                                         tokens in ``prompt`` (no special tokens added)
+  ====================  ===========================================  ==============================================
+
+- ``paths.data_stats``: JSON: per set (``train``, ``eval/<name>``) its source, split, rows read, rows kept,
+  rejects by reason, the reject fraction, duplicates removed (train) and prompt-token stats; plus totals.
+- ``paths.data_rejects``: JSON lines ``{"set", "file", "line", "reason", "detail"}``: every row not kept (bad rows,
+  and train rows that duplicate an eval problem, reason ``duplicate_of_eval``).
+
+Rows are read in order until a set has ``limit`` rows (``num_problems`` for synthetic); rejected and duplicate
+rows do not count towards it. Rejects: ``invalid_json``, ``not_an_object``, ``missing_problem``,
+``invalid_problem``, ``empty_problem``, ``missing_answer``, ``invalid_answer``, ``empty_answer``, ``missing_id``,
+``duplicate_id``, ``prompt_too_long`` (> ``max_prompt_tokens``). When a set's rejected fraction exceeds
+``max_reject_fraction``, the stage writes the stats and rejects, not the data, and fails naming the set and the
+reasons. Exact duplicate problems (whitespace collapsed) in the train set that appear in any eval set are removed
+from train and counted. The output is a pure function of the params (and the source files): same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from laser.config import Params, PrepareParams, SourceParams
+from laser.data import (
+    Reject,
+    Row,
+    SourceError,
+    has_chat_template,
+    normalize_problem,
+    read_source,
+    render_prompt,
+    source_label,
+)
+
+_BATCH = 256  # rows tokenized at once
+
+
+def schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("problem", pa.string()),
+        ("answer", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("prompt", pa.string()),
+        ("prompt_tokens", pa.int64()),
+    ])
+
+
+@dataclass
+class PreparedSet:
+    name: str  # "train" or "eval/<name>"
+    rows: list[dict[str, Any]]
+    stats: dict[str, Any]
+    rejects: list[dict[str, Any]]
+
+    def table(self):
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(self.rows, schema=schema())
+
+
+@dataclass
+class PreparedData:
+    train: PreparedSet
+    eval_sets: dict[str, PreparedSet]
+    stats: dict[str, Any]
+    rejects: list[dict[str, Any]]
+    errors: list[str] = field(default_factory=list)  # reject limits exceeded: the data must not be written
+
+
+def _build_set(set_name: str, source: SourceParams, params: PrepareParams, tokenizer,
+               exclude: dict[str, str] | None = None) -> PreparedSet:
+    """Read ``source`` until the set is full; ``exclude`` maps normalised eval problems to their eval set."""
+    target = source.num_problems if source.kind == "synthetic" else source.limit
+    label = source_label(source)
+    prefix = set_name.removeprefix("eval/")
+    reasons: Counter[str] = Counter()
+    rejects: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    seen_ids: set[str] = set()
+    duplicates, read = 0, 0
+
+    def reject(line: int, reason: str, detail: str = "", **extra: Any) -> None:
+        rejects.append({"set": set_name, "file": label, "line": line, "reason": reason, "detail": detail, **extra})
+
+    stream: Iterator[Row | Reject] = read_source(source, prefix)
+    exhausted = False
+    while not exhausted and (target is None or len(rows) < target):
+        batch: list[Row] = []
+        want = _BATCH if target is None else min(_BATCH, target - len(rows))
+        while len(batch) < want:
+            item = next(stream, None)
+            if item is None:
+                exhausted = True
+                break
+            read += 1
+            if isinstance(item, Reject):
+                reasons[item.reason] += 1
+                reject(item.line, item.reason, item.detail)
+                continue
+            other = exclude.get(normalize_problem(item.problem)) if exclude else None
+            if other is not None:
+                duplicates += 1
+                reject(item.line, "duplicate_of_eval", f"same problem as in eval set {other!r}", eval_set=other)
+                continue
+            batch.append(item)
+        rendered = [render_prompt(r.problem, params.instruction, params.few_shot, tokenizer, params.prompt_format)
+                    for r in batch]
+        counts = [len(ids) for ids in tokenizer([p for _, p in rendered], add_special_tokens=False)["input_ids"]] \
+            if batch else []
+        for row, (messages, prompt), n_tokens in zip(batch, rendered, counts):
+            if n_tokens > params.max_prompt_tokens:
+                reasons["prompt_too_long"] += 1
+                reject(row.line, "prompt_too_long", f"{n_tokens} tokens > max_prompt_tokens {params.max_prompt_tokens}")
+                continue
+            if row.id in seen_ids:
+                reasons["duplicate_id"] += 1
+                reject(row.line, "duplicate_id", f"id {row.id!r} seen before")
+                continue
+            seen_ids.add(row.id)
+            rows.append({"id": row.id, "source": label, "split": source.split, "problem": row.problem,
+                         "answer": row.answer, "messages": messages, "prompt": prompt, "prompt_tokens": n_tokens})
+    rejected = sum(reasons.values())
+    token_counts = [r["prompt_tokens"] for r in rows]
+    stats = {
+        "source": label,
+        "kind": source.kind,
+        "split": source.split,
+        "rows": len(rows),
+        "rows_read": read,
+        "rejected": rejected,
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "reject_fraction": rejected / read if read else 0.0,
+        "duplicates_of_eval_removed": duplicates,
+        "prompt_tokens": {
+            "min": min(token_counts, default=0),
+            "mean": round(statistics.fmean(token_counts), 2) if token_counts else 0.0,
+            "max": max(token_counts, default=0),
+        },
+    }
+    if target is not None and len(rows) < target:
+        stats["short_by"] = target - len(rows)  # the source ran out (or the generator found no new problems)
+    return PreparedSet(set_name, rows, stats, rejects)
+
+
+def prepare(params: PrepareParams, tokenizer) -> PreparedData:
+    """Build every set (eval sets first: train excludes their problems). Pure: nothing is written."""
+    eval_sets = {name: _build_set(f"eval/{name}", source, params, tokenizer)
+                 for name, source in params.eval_sets.items()}
+    exclude: dict[str, str] = {}
+    for name, prepared in eval_sets.items():
+        for row in prepared.rows:
+            exclude.setdefault(normalize_problem(row["problem"]), name)
+    train = _build_set("train", params.train, params, tokenizer, exclude)
+
+    all_sets = [train, *eval_sets.values()]
+    errors = []
+    for prepared in all_sets:
+        s = prepared.stats
+        if s["rows"] == 0:
+            errors.append(f"{prepared.name} ({s['source']}): no usable rows (read {s['rows_read']}, rejected "
+                          f"{s['rejected_by_reason'] or 'none'})")
+        elif s["reject_fraction"] > params.max_reject_fraction:
+            errors.append(f"{prepared.name} ({s['source']}): {s['rejected']} of {s['rows_read']} rows rejected "
+                          f"({s['reject_fraction']:.1%} > prepare.max_reject_fraction "
+                          f"{params.max_reject_fraction:.1%}): {s['rejected_by_reason']}")
+    totals: Counter[str] = Counter()
+    for prepared in all_sets:
+        totals.update(prepared.stats["rejected_by_reason"])
+    use_chat = params.prompt_format == "chat" and has_chat_template(tokenizer)
+    stats = {
+        "prompt_format": "chat" if use_chat else "plain",
+        "prompt_format_requested": params.prompt_format,
+        "few_shot_turns": len(params.few_shot),
+        "max_prompt_tokens": params.max_prompt_tokens,
+        "sets": {prepared.name: prepared.stats for prepared in all_sets},
+        "rows": {prepared.name: prepared.stats["rows"] for prepared in all_sets},
+        "rejected_by_reason": dict(sorted(totals.items())),
+        "duplicates_of_eval_removed": train.stats["duplicates_of_eval_removed"],
+        "ok": not errors,
+        "errors": errors,
+    }
+    rejects = [r for prepared in all_sets for r in prepared.rejects]
+    return PreparedData(train, eval_sets, stats, rejects, errors)
+
+
+def write_outputs(prepared: PreparedData, paths) -> None:
+    """Stats and rejects always (to explain a failure); the parquet files only when there is no error."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from laser.io import atomic_path, atomic_write_json
+
+    atomic_write_json(paths.data_stats, prepared.stats)
+    with atomic_path(paths.data_rejects) as tmp, tmp.open("w") as out:
+        for record in prepared.rejects:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if prepared.errors:
+        return
+    targets = [(prepared.train, Path(paths.train_data))]
+    targets += [(s, Path(paths.eval_data_dir) / f"{name}.parquet") for name, s in prepared.eval_sets.items()]
+    for prepared_set, path in targets:
+        with atomic_path(path) as tmp:
+            pq.write_table(prepared_set.table(), tmp)
+
+
+def run(params: Params, args) -> None:
+    from laser.cli import StageError
+    from laser.models import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(params.model.name, params.paths.cache_dir),
+                               params.model.trust_remote_code)
+    try:
+        prepared = prepare(params.prepare, tokenizer)
+    except SourceError as err:
+        raise StageError(str(err)) from None
+    write_outputs(prepared, params.paths)
+    if prepared.errors:
+        raise StageError("prepare: " + "; ".join(prepared.errors) + f" (details: {params.paths.data_rejects})")
+    for name, count in prepared.stats["rows"].items():
+        print(f"prepare: {name}: {count} rows")
+    print(f"prepare: rejected {prepared.stats['rejected_by_reason'] or 'none'}, "
+          f"{prepared.stats['duplicates_of_eval_removed']} train duplicates of eval problems removed")
+
+
+def main(argv=None) -> None:
+    from laser.cli import stage_main
+
+    stage_main(run, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The prepare stage: sources, answer cleaning, prompts, rejects, duplicates, determinism, outputs."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from laser.config import FewShotTurn, PathsParams, PrepareParams, SourceParams
+from laser.data import SourceError, clean_answer, evaluate_expression, generate_synthetic, gsm8k_final_answer
+from stages.prepare import prepare, schema, write_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(**overrides) -> PrepareParams:
+    base = PrepareParams(train=SourceParams(kind="synthetic", num_problems=200),
+                         eval_sets={"synthetic": SourceParams(kind="synthetic", split="test", num_problems=40,
+                                                              seed=1)})
+    return replace(base, **overrides)
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("value, expected", [
+    (5, "5"), (5.0, "5"), (0.5, "0.5"), (-3, "-3"), (" 18 ", "18"), ("\\frac{1}{2}", "\\frac{1}{2}"),
+    ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs.\n#### 18", "18"), ("... #### 1,080", "1080"),
+    ("#### $12.", "12"), ("so it is $\\boxed{\\frac{3}{4}}$.", "\\frac{3}{4}"), ("1,2", "1,2"),
+    (True, None), ([1, 2], None), (None, None), (float("nan"), None),
+])
+def test_clean_answer(value, expected):
+    assert clean_answer(value) == expected
+
+
+def test_gsm8k_final_answer():
+    assert gsm8k_final_answer("He pays 2*$3=$<<2*3=6>>6.\n#### 109,200,000") == "109200000"
+
+
+def test_evaluate_expression_precedence():
+    assert evaluate_expression([2, 3, 4], ["+", "*"]) == 14
+    assert evaluate_expression([10, 2, 3], ["-", "-"]) == 5
+    assert evaluate_expression([2, 3, 4, 5], ["*", "-", "*"]) == -14
+
+
+# ------------------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_problems_are_exact_distinct_and_seeded():
+    source = SourceParams(kind="synthetic", min_digits=1, max_digits=3, max_operations=3, operators=("+", "-", "*"),
+                          word_fraction=0.5, seed=7)
+    take = [r for _, r in zip(range(300), generate_synthetic(source, "t"))]
+    again = [r for _, r in zip(range(300), generate_synthetic(source, "t"))]
+    assert take == again
+    assert len({r.problem for r in take}) == 300
+    other_seed = [r for _, r in zip(range(300), generate_synthetic(replace(source, seed=8), "t"))]
+    assert [r.problem for r in other_seed] != [r.problem for r in take]
+    words = 0
+    for row in take:
+        assert int(row.answer) >= 0
+        expr = re.fullmatch(r"(?:What is|Calculate|Compute) ([\d +*-]+)[?.]", row.problem)
+        if expr is None:
+            words += 1
+            continue
+        tokens = expr.group(1).split()
+        values, ops = [int(t) for t in tokens[::2]], tokens[1::2]
+        assert evaluate_expression(values, ops) == int(row.answer)
+        assert 1 <= len(ops) <= 3 and all(1 <= len(str(v)) <= 3 for v in values)
+    assert 0 < words < 300
+
+
+def test_default_synthetic_mix_is_easy_arithmetic(tiny_tokenizer):
+    data = prepare(PrepareParams(), tiny_tokenizer)
+    problems = [r["problem"] for r in data.train.rows]
+    assert len(problems) == 2000
+    numbers = [int(x) for p in problems for x in re.findall(r"\d+", p)]
+    assert max(numbers) < 100
+    assert 0.1 < sum(n < 10 for n in numbers) / len(numbers) < 0.6  # a mix of one- and two-digit operands
+
+
+# ------------------------------------------------------------------------------------------------ the stage itself
+
+
+def test_prepare_default_schema_prompts_and_determinism(tiny_tokenizer):
+    params = small()
+    data = prepare(params, tiny_tokenizer)
+    assert not data.errors
+    table = data.train.table()
+    assert table.schema == schema()
+    assert table.num_rows == 200 and data.eval_sets["synthetic"].table().num_rows == 40
+    assert len(set(table.column("id").to_pylist())) == 200
+    row = data.train.rows[0]
+    assert row["source"] == "synthetic" and row["split"] == "train"
+    assert data.eval_sets["synthetic"].rows[0]["split"] == "test"
+    # messages: instruction starts the first user turn, few-shot pairs, then the problem
+    roles = [m["role"] for m in row["messages"]]
+    assert roles == ["user", "assistant"] * len(params.few_shot) + ["user"]
+    assert row["messages"][0]["content"].startswith(params.instruction)
+    assert row["messages"][-1]["content"] == row["problem"]
+    assert row["messages"][1]["content"] == params.few_shot[0].assistant
+    assert row["prompt"] == tiny_tokenizer.apply_chat_template(row["messages"], tokenize=False,
+                                                                add_generation_prompt=True)
+    assert row["prompt"].endswith("<|im_start|>assistant\n")
+    assert row["prompt_tokens"] == len(tiny_tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+    # deterministic, and no train problem is an eval problem
+    again = prepare(params, tiny_tokenizer)
+    assert again.train.table().equals(table) and again.stats == data.stats
+    eval_problems = {r["problem"] for r in data.eval_sets["synthetic"].rows}
+    assert not eval_problems & set(table.column("problem").to_pylist())
+    assert data.stats["sets"]["train"]["rows_read"] == 200 + data.stats["duplicates_of_eval_removed"]
+
+
+def test_plain_format_and_missing_chat_template(tiny_tokenizer):
+    few = (FewShotTurn("What is 1 + 1?", "\\boxed{2}"),)
+    data = prepare(small(prompt_format="plain", few_shot=few, instruction="Box it."), tiny_tokenizer)
+    row = data.train.rows[0]
+    expected = f"Box it.\n\nQuestion: What is 1 + 1?\nAnswer: \\boxed{{2}}\n\nQuestion: {row['problem']}\nAnswer:"
+    assert row["prompt"] == expected
+    assert data.stats["prompt_format"] == "plain"
+
+    class NoTemplate:
+        chat_template = None
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [t.split() for t in texts]}
+
+    data = prepare(small(few_shot=()), NoTemplate())
+    assert data.stats["prompt_format"] == "plain" and data.stats["prompt_format_requested"] == "chat"
+    assert data.train.rows[0]["prompt"].endswith("\nAnswer:")
+
+
+def test_jsonl_field_mapping_rejects_and_duplicates(tmp_path, tiny_tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"q": "How many legs do 2 cats have?", "a": "Each cat has 4 legs: 2*4=<<2*4=8>>8\n#### 8", "k": "a"},
+        "{not json",
+        {"q": "  ", "a": "1", "k": "b"},
+        {"q": "What is 1+1?", "k": "c"},
+        {"q": "What is 2+2?", "a": 4.0, "k": "d"},
+        {"q": "Eval   problem one?", "a": "1", "k": "e"},  # same as an eval problem up to whitespace
+        {"q": "What is 5+5?", "a": "10", "k": "d"},  # duplicate id
+        [1, 2],
+        {"q": "What is 3+3?", "a": "6", "k": "f"},
+        {"q": "What is 4+4?", "a": "8", "k": "g"},
+    ])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"problem": "Eval problem one?", "answer": 1},
+                                                  {"problem": "Eval problem two?", "answer": "\\frac{1}{2}"}])
+    params = small(
+        train=SourceParams(kind="jsonl", path=str(train), problem_field="q", answer_field="a", id_field="k"),
+        eval_sets={"mine": SourceParams(kind="jsonl", path=str(evals), split="test")},
+        max_reject_fraction=1.0)
+    data = prepare(params, tiny_tokenizer)
+    assert [(r["id"], r["answer"]) for r in data.train.rows] == [("a", "8"), ("d", "4"), ("f", "6"), ("g", "8")]
+    assert [(r["id"], r["answer"]) for r in data.eval_sets["mine"].rows] == [("mine-000001", "1"),
+                                                                             ("mine-000002", "\\frac{1}{2}")]
+    stats = data.stats["sets"]["train"]
+    assert stats["rejected_by_reason"] == {"duplicate_id": 1, "empty_problem": 1, "invalid_json": 1,
+                                           "missing_answer": 1, "not_an_object": 1}
+    assert stats["duplicates_of_eval_removed"] == 1 and stats["rows_read"] == 10
+    assert stats["reject_fraction"] == pytest.approx(5 / 10)
+    by_line = {r["line"]: r["reason"] for r in data.rejects}
+    assert by_line == {2: "invalid_json", 3: "empty_problem", 4: "missing_answer", 6: "duplicate_of_eval",
+                       7: "duplicate_id", 8: "not_an_object"}
+    assert all(r["file"] == str(train) and r["set"] == "train" for r in data.rejects)
+
+
+def test_reject_limit_fails_but_writes_stats_and_rejects(tmp_path, tiny_tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", ["{bad", {"problem": "ok?", "answer": "1"}])
+    params = small(train=SourceParams(kind="jsonl", path=str(train)), max_reject_fraction=0.2)
+    data = prepare(params, tiny_tokenizer)
+    assert data.errors and "train" in data.errors[0] and "invalid_json" in data.errors[0]
+    paths = PathsParams(train_data=str(tmp_path / "out/train.parquet"), eval_data_dir=str(tmp_path / "out/eval"),
+                        data_stats=str(tmp_path / "out/stats.json"), data_rejects=str(tmp_path / "out/rejects.jsonl"))
+    write_outputs(data, paths)
+    assert not Path(paths.train_data).exists()
+    assert json.loads(Path(paths.data_stats).read_text())["ok"] is False
+    assert [json.loads(x)["reason"] for x in Path(paths.data_rejects).read_text().splitlines()] == ["invalid_json"]
+
+
+def test_prompt_too_long_and_limit(tmp_path, tiny_tokenizer):
+    rows = [{"problem": "short?", "answer": i} for i in range(5)]
+    rows.insert(2, {"problem": "long " * 300 + "?", "answer": 1})
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    params = small(train=SourceParams(kind="jsonl", path=str(train), limit=3), max_prompt_tokens=600,
+                   max_reject_fraction=0.5)
+    data = prepare(params, tiny_tokenizer)
+    assert [r["answer"] for r in data.train.rows] == ["0", "1", "2"]
+    assert data.stats["sets"]["train"]["rejected_by_reason"] == {"prompt_too_long": 1}
+    assert data.stats["sets"]["train"]["rows_read"] == 4  # rows after the limit are not read
+
+
+def test_parquet_source_with_int_answers(tmp_path, tiny_tokenizer):
+    path = tmp_path / "aime.parquet"
+    pq.write_table(pa.table({"id": [60, 61], "problem": ["Find x.", "Find y."], "answer": [204, 25]}), path)
+    params = small(eval_sets={"aime": SourceParams(kind="parquet", path=str(path), id_field="id", split="test")})
+    data = prepare(params, tiny_tokenizer)
+    assert [(r["id"], r["answer"], r["source"]) for r in data.eval_sets["aime"].rows] == [
+        ("60", "204", str(path)), ("61", "25", str(path))]
+
+
+def test_missing_file_and_offline_hf_fail_with_one_clear_line(tmp_path, tiny_tokenizer, monkeypatch):
+    with pytest.raises(SourceError, match="not found"):
+        prepare(small(train=SourceParams(kind="jsonl", path=str(tmp_path / "nope.jsonl"))), tiny_tokenizer)
+
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)\nmore soup")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SourceError) as info:
+        prepare(small(train=SourceParams(kind="hf", dataset="openai/gsm8k", config="main")), tiny_tokenizer)
+    message = str(info.value)
+    assert "\n" not in message and "openai/gsm8k" in message and "kind: jsonl" in message
+
+
+def test_main_writes_all_outputs_atomically(tmp_path, monkeypatch, repo_cache, capsys):
+    from stages.prepare import main
+
+    params = {
+        "paths": {"cache_dir": str(repo_cache)},
+        "model": {"name": "tiny-random"},
+        "prepare": {"train": {"kind": "synthetic", "num_problems": 50},
+                    "eval_sets": {"syn": {"kind": "synthetic", "num_problems": 10, "seed": 3, "split": "test"}}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    main([])
+    assert pq.read_table("data/train.parquet").num_rows == 50
+    assert pq.read_table("data/eval/syn.parquet").schema == schema()
+    assert json.loads(Path("data/stats.json").read_text())["rows"] == {"train": 50, "eval/syn": 10}
+    assert Path("data/rejects.jsonl").exists()
+    assert not [p for p in Path("data").rglob(".*tmp*")]
+    assert "train: 50 rows" in capsys.readouterr().out
+
+    params["prepare"]["train"] = {"kind": "jsonl", "path": "missing.jsonl"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ real data
+
+
+@pytest.mark.shared_data
+def test_gsm8k_and_math500_files(shared_data, tiny_tokenizer):
+    params = small(
+        train=SourceParams(kind="jsonl", path=str(shared_data / "gsm8k" / "train.jsonl"), problem_field="question",
+                           limit=300),
+        eval_sets={
+            "gsm8k": SourceParams(kind="jsonl", path=str(shared_data / "gsm8k" / "test.jsonl"),
+                                  problem_field="question", split="test"),
+            "math500": SourceParams(kind="jsonl", path=str(shared_data / "benchmarks" / "math500" / "test.jsonl"),
+                                    id_field="unique_id", split="test"),
+            "aime24": SourceParams(kind="jsonl", path=str(shared_data / "benchmarks" / "aime24" / "test.jsonl"),
+                                   id_field="id", split="test"),
+        },
+        max_prompt_tokens=4096)
+    data = prepare(params, tiny_tokenizer)
+    assert not data.errors and data.stats["rejected_by_reason"] == {}
+    gsm = data.eval_sets["gsm8k"].rows
+    assert len(gsm) == 1319 and all(re.fullmatch(r"-?\d+", r["answer"]) for r in gsm)
+    assert len(data.train.rows) == 300
+    assert len(data.eval_sets["math500"].rows) == 500 and len(data.eval_sets["aime24"].rows) == 30
+    assert random.Random(0).choice(data.eval_sets["math500"].rows)["id"].startswith("test/")
