@@ -12,10 +12,10 @@ Workloads (responses are ``"... The answer is \\boxed{x}."``):
 Integers and integer fractions skip LaTeX parsing (``laser.verify.fast_parse``), so on them the pool's cost is
 mostly its pipes; decimals and MATH-style answers go through math-verify's parser (~1 ms each).
 
-Modes, each measured on fresh state (math-verify's parse caches cleared, a new pool whose start-up, with the
-LaTeX warm-up, is timed separately and excluded; this process gets the same warm-up once):
-``single_process`` (``check_answer`` in a loop in this process: no timeout protection), ``pool_1`` and ``pool_2``
-(:class:`laser.verify.VerifierPool` with 1 and 2 workers). The median of the repeats is reported. Needs
+Modes, each on fresh processes given the same LaTeX warm-up (:data:`laser.verify.WARMUP_PAIRS`), which is not
+timed: ``single_process`` (a new interpreter runs ``check_answer`` in a loop: no timeout protection, no pipes),
+``pool_1`` and ``pool_2`` (a new :class:`laser.verify.VerifierPool` with 1 and 2 workers; its start-up is
+reported as ``startup_s``). The median of the repeats is reported. Needs
 ../shared/data for the GSM8K and MATH-500 workloads (skipped when absent).
 """
 
@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,16 +74,35 @@ def workloads() -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
+def _quiet() -> None:
+    import logging
+
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def clear_caches() -> None:
     from math_verify import parser
+    from sympy.core.cache import clear_cache
 
+    clear_cache()
     for name in ("parse_latex_cached", "parse_expr_cached"):
         fn = getattr(parser, name, None)
         if hasattr(fn, "cache_clear"):
             fn.cache_clear()
 
 
-def run_single(responses: list[str], golds: list[str]) -> tuple[float, dict]:
+def run_single(name: str) -> tuple[float, dict]:
+    """One process, fresh like a pool worker: a new interpreter does the warm-up, then times the loop."""
+    out = subprocess.run([sys.executable, __file__, "--single", name], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["statuses"]
+
+
+def _single(responses: list[str], golds: list[str]) -> tuple[float, dict]:
+    _quiet()
+    for pred, gold in WARMUP_PAIRS:
+        check_answer(pred, gold)
     clear_caches()
     cache: dict = {}
     statuses = []
@@ -111,11 +131,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout-s", type=float, default=5.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "verify.json"))
+    parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: time one workload in this process
     args = parser.parse_args()
-    import logging
-
-    for name in ("math_verify", "latex2sympy2_extended"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if args.single:
+        seconds, statuses = _single(*workloads()[args.single])
+        print(json.dumps({"seconds": seconds, "statuses": statuses}))
+        return
 
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -124,14 +145,12 @@ def main() -> None:
         "timeout_s": args.timeout_s,
         "workloads": {},
     }
-    for pred, gold in WARMUP_PAIRS:  # the pools' workers get the same warm-up (timed in their startup_s)
-        check_answer(pred, gold)
     for name, (responses, golds) in workloads().items():
         entry = {"items": len(responses),
                  "unique_pairs": len({(last_boxed(r), g) for r, g in zip(responses, golds)}), "modes": {}}
         times, counts = [], None
         for _ in range(args.repeats):
-            elapsed, counts = run_single(responses, golds)
+            elapsed, counts = run_single(name)
             times.append(elapsed)
         entry["modes"]["single_process"] = {"seconds": statistics.median(times),
                                             "answers_per_s": len(responses) / statistics.median(times),
