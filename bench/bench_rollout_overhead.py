@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from laser.batch import collate, policy_forward  # noqa: E402
-from laser.generation import HFGenerator, Sampling  # noqa: E402
-from laser.io import atomic_write_json  # noqa: E402
-from laser.models import load_model, load_tokenizer, resolve_model_dir  # noqa: E402
+from laser.batch import collate, policy_forward
+from laser.generation import HFGenerator, Sampling
+from laser.io import atomic_write_json
+from laser.models import load_model, load_tokenizer, resolve_model_dir
 
 QUESTIONS = ["What is 17 + 25?", "Tom has 3 apples and buys 9 more. How many apples?", "What is 81 - 39?",
              "Compute 6 * 7.", "A box holds 12 pens. How many pens are in 4 boxes?", "What is 150 + 275?",

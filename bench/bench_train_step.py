@@ -52,7 +52,7 @@ def fixed_rollout(trainer: LaserTrainer, length: int) -> Rollout:
     vocab = len(trainer.tokenizer)
     prompts = [torch.randint(100, vocab - 100, (64,), generator=g).tolist() for _ in range(16)]
     eos = trainer.tokenizer.eos_token_id
-    responses = [torch.randint(100, vocab - 100, (length - 1,), generator=g).tolist() + [eos] for _ in range(16)]
+    responses = [[*torch.randint(100, vocab - 100, (length - 1,), generator=g).tolist(), eos] for _ in range(16)]
     rewards = torch.tensor([float(i % 2) for i in range(16)])
     return Rollout(prompts, responses, torch.ones(16, dtype=torch.bool), rewards, torch.zeros(16), {})
 
@@ -98,7 +98,7 @@ def main() -> None:
                               "--memory-child", mode], capture_output=True, text=True, check=True, env=env)
         memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     median = {mode: statistics.median(values) for mode, values in times.items()}
-    result = {"model": args.model, "batch": "16 x (64 prompt + %d response) tokens, micro-batch 4" % args.length,
+    result = {"model": args.model, "batch": f"16 x (64 prompt + {args.length} response) tokens, micro-batch 4",
               "zero_stage": trainer.engine.zero_optimization_stage(), "seconds": times, "median_seconds": median,
               "ratio_laser_over_grpo": median["laser"] / median["grpo"], "goal_ratio": 1.03,
               "peak_rss_mb": memory, "torch_threads": torch.get_num_threads()}
