@@ -15,9 +15,10 @@ Cache writes go to a temp dir renamed into place, so two racing runs both end wi
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import shutil
+import tempfile
 from pathlib import Path
-
-from laser.io import atomic_path
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
@@ -54,12 +55,21 @@ def resolve_model_dir(name: str, cache_dir: str | Path) -> Path:
 
 
 def _cached(target: Path, build) -> Path:
+    """Build into a temp dir beside ``target`` and rename it into place. The first complete copy wins: a racing
+    run's rename fails on the existing directory and its copy is dropped; a crashed build leaves nothing."""
     if (target / "config.json").exists():
         return target
-    with atomic_path(target, is_dir=True) as tmp:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
         build(tmp)
-        if (target / "config.json").exists():  # another run won the race: keep its copy
-            return target
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

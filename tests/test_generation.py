@@ -102,3 +102,62 @@ def test_smollm2_builtin_probe_logprobs_equal_full_forward(repo_cache):
     completions = HFGenerator(model, tokenizer, batch_size=4).generate(
         prompts, 2, Sampling(temperature=1.0, max_new_tokens=48, seed=0), probe_token_ids=probe_ids)
     _assert_probe_equivalence(model, completions, probe_ids, atol=1e-4)
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match=r"could not be downloaded.*built-in"):
+        resolve_model_dir("some-org/some-model-that-does-not-exist", tmp_path)
+
+
+def test_model_cache_write_is_atomic_under_a_race(tmp_path):
+    import threading
+    import time
+
+    from laser.models import _cached
+
+    builds = []
+
+    def slow_build(out_dir):
+        builds.append(out_dir)
+        (out_dir / "weights.bin").write_bytes(b"x" * 1000)
+        time.sleep(0.2)  # both racers are inside their build at once
+        (out_dir / "config.json").write_text("{}")
+
+    target = tmp_path / "models" / "m"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_cached(target, slow_build))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [target, target] and len(builds) == 2
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "weights.bin"]
+    assert [p.name for p in target.parent.iterdir()] == ["m"]  # no temp dir left behind
+
+    def failing_build(out_dir):
+        (out_dir / "partial").write_text("half")
+        raise RuntimeError("crash mid-build")
+
+    with pytest.raises(RuntimeError):
+        _cached(tmp_path / "models" / "broken", failing_build)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["m"]
+
+
+def test_ref_constant_auto_picks_the_steadiest_candidate(tiny_model_dir, repo_cache):
+    from laser.config import Params, build
+    from stages.ref_constant import ref_constant
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    params = build(Params, {"paths": {"cache_dir": str(repo_cache)}, "self_reward": {"token": "auto"},
+                            "generation": {"max_new_tokens": 40}, "ref_constant": {"num_prompts": 3,
+                                                                                    "samples_per_prompt": 3}})
+    problems = [{"id": str(i), "answer": str(i), "prompt": tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"What is {i} + 1?"}], tokenize=False, add_generation_prompt=True)}
+        for i in range(5)]
+    summary, values = ref_constant(params, HFGenerator(model, tokenizer), tokenizer, problems)
+    stds = {c["token"]: c["std"] for c in summary["candidates"]}
+    assert set(stds) == set(z_c_candidates(tokenizer))
+    assert summary["self_reward_token"] == min(stds, key=stds.get)
+    assert summary["n"] == len(values) > 0
+    assert summary["c_ref"] == pytest.approx(sum(values) / len(values))
+    assert summary["score_noise"] == pytest.approx(0.1 * summary["std"])

@@ -82,12 +82,18 @@ def test_synthetic_problems_are_exact_distinct_and_seeded():
 
 
 def test_default_synthetic_mix_is_easy_arithmetic(tiny_tokenizer):
+    """The default task, tuned on SmolLM2-135M-Instruct (~59% right): one-digit +/-, a quarter word problems."""
     data = prepare(PrepareParams(), tiny_tokenizer)
-    problems = [r["problem"] for r in data.train.rows]
-    assert len(problems) == 2000
-    numbers = [int(x) for p in problems for x in re.findall(r"\d+", p)]
-    assert max(numbers) < 100
-    assert 0.1 < sum(n < 10 for n in numbers) / len(numbers) < 0.6  # a mix of one- and two-digit operands
+    rows = data.train.rows
+    assert len(rows) == 2000 and not data.errors
+    numbers = [int(x) for r in rows for x in re.findall(r"\d+", r["problem"])]
+    assert max(numbers) <= 9 and all(0 <= int(r["answer"]) <= 18 for r in rows)
+    words = sum(not re.match(r"(What is|Calculate|Compute) ", r["problem"]) for r in rows) / len(rows)
+    assert 0.15 < words < 0.4
+    assert any(" - " in r["problem"] for r in rows) and any(" + " in r["problem"] for r in rows)
+    # one-digit expressions run out (81 + 45 pairs x 3 wordings): they repeat instead of being replaced
+    assert len({r["problem"] for r in rows}) < 2000
+    assert len({r["id"] for r in rows}) == 2000
 
 
 # ------------------------------------------------------------------------------------------------ the stage itself
