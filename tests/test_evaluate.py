@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from laser import answers as A
+from laser import report as R
 from laser.config import EvaluateParams
 from stages import evaluate as E
 
@@ -68,11 +70,11 @@ BASE = {
 
 
 def test_normalize_answer():
-    assert E.normalize_answer(" $\\dfrac{1}{2}$ ") == "\\frac{1}{2}"
-    assert E.normalize_answer("\\left( 1, 2 \\right).") == "(1,2)"
-    assert E.normalize_answer("  ") is None
-    assert E.normalize_answer(None) is None
-    assert E.normalize_answer(float("nan")) is None
+    assert A.normalize_answer(" $\\dfrac{1}{2}$ ") == "\\frac{1}{2}"
+    assert A.normalize_answer("\\left( 1, 2 \\right).") == "(1,2)"
+    assert A.normalize_answer("  ") is None
+    assert A.normalize_answer(None) is None
+    assert A.normalize_answer(float("nan")) is None
 
 
 def test_cluster_answers_exact_numeric_and_equivalence():
@@ -82,7 +84,7 @@ def test_cluster_answers_exact_numeric_and_equivalence():
         seen.extend(pairs)
         return [{a, b} == {"\\frac{1}{2}", "0.5"} or {a, b} == {"\\frac12", "0.5"} for a, b in pairs]
 
-    ids, num_pairs = E.cluster_answers(
+    ids, num_pairs = A.cluster_answers(
         [["\\frac{1}{2}", "2", None, "0.5", " \\dfrac{1}{2}", "2.0", "\\frac12", ""], ["x", "x"]], fake)
     # exact after normalisation: \frac{1}{2} == \dfrac{1}{2}; numeric: 2 == 2.0; fake: 0.5 ~ both fractions
     assert ids == [[0, 1, -1, 0, 0, 1, 0, -1], [0, 0]]
@@ -91,10 +93,10 @@ def test_cluster_answers_exact_numeric_and_equivalence():
 
 
 def test_math_verify_equivalent():
-    assert E.math_verify_equivalent([("\\frac{1}{2}", "0.5"), ("2", "3"), ("x+1", "1+x"), ("", "1")]) == [
+    assert A.math_verify_equivalent([("\\frac{1}{2}", "0.5"), ("2", "3"), ("x+1", "1+x"), ("", "1")]) == [
         True, False, True, False]
-    assert E.math_verify_equivalent([("1" * 400, "1" * 400)]) == [False]  # too long: not sent to sympy
-    assert E.math_verify_equivalent([]) == []
+    assert A.math_verify_equivalent([("1" * 400, "1" * 400)]) == [False]  # too long: not sent to sympy
+    assert A.math_verify_equivalent([]) == []
 
 
 # ------------------------------------------------------------------------------------------------- evaluate()
@@ -182,7 +184,7 @@ def test_evaluate_edge_cases_are_defined(case, problems):
         assert block["self_verification"]["all"]["acc_incorrect"] == 1.0  # no answer => score 0
     if case == "no_scores":
         assert block["spearman_score_length"]["undefined"] == "fewer than 2 samples with a score"
-    report = E.render_report(result, "plots")
+    report = R.render_report(result, "plots")
     assert "nan" not in report.lower() and "NaN" not in text
 
 
@@ -210,7 +212,7 @@ def test_main_end_to_end(tmp_path, monkeypatch):
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(rollout_table(problems, eval_set), path)
 
-    E.main()
+    E.main([])
 
     metrics = json.loads(Path("out/eval/metrics.json").read_text())
     assert set(metrics) == {"settings", "models", "equivalence", "comparison"}
@@ -220,7 +222,7 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     assert set(trained) == {"eval_sets", "overall", "headline"}
     assert set(trained["eval_sets"]) == {"setA", "set-b"}
     assert set(trained["headline"]) == {"setA", "set-b", "overall"}
-    assert set(trained["headline"]["overall"]) == set(E.HEADLINE_KEYS)
+    assert set(trained["headline"]["overall"]) == set(R.HEADLINE_KEYS)
     # p3: \frac{1}{2} ~ 0.5 (math-verify) gives 2 votes for the right answer against 2 for "2": the earliest wins
     assert trained["eval_sets"]["setA"]["maj@k"]["4"] == pytest.approx(2 / 3)
     assert metrics["equivalence"]["pairs_checked"] >= 1
