@@ -28,6 +28,9 @@ class PolicyBatch:
     def select(self, rows: slice | torch.Tensor) -> PolicyBatch:
         return PolicyBatch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
 
+    def to(self, device) -> PolicyBatch:
+        return PolicyBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], finished: Sequence[bool],
             z_c_id: int, pad_id: int) -> PolicyBatch:

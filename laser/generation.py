@@ -109,7 +109,7 @@ class HFGenerator:
         completions: list[Completion] = []
         for chunk_index, chunk in enumerate(chunks):
             # One generator per chunk, seeded from (seed, chunk): results do not depend on earlier chunks' lengths.
-            rng = torch.Generator().manual_seed(sampling.seed * 1_000_003 + chunk_index)
+            rng = torch.Generator(device=self.model.device).manual_seed(sampling.seed * 1_000_003 + chunk_index)
             completions += self._generate_chunk(prompts, chunk, sampling, list(probe_token_ids), rng)
             bar.update(len(chunk))
         bar.close()

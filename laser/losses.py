@@ -47,7 +47,7 @@ def grpo_policy_loss(
     """
     mask = response_mask.to(logprobs.dtype)
     denom = mask.sum().clamp(min=1.0) if num_tokens is None else torch.tensor(max(float(num_tokens), 1.0))
-    log_ratio = logprobs - old_logprobs
+    log_ratio = (logprobs - old_logprobs) * mask  # masked first: a pad position can never overflow exp()
     ratio = torch.exp(log_ratio)
     adv = advantages.unsqueeze(1)
     unclipped = -adv * ratio
@@ -61,7 +61,7 @@ def grpo_policy_loss(
     }
     loss = pg_loss
     if ref_logprobs is not None and kl_coef > 0:
-        delta = ref_logprobs - logprobs
+        delta = (ref_logprobs - logprobs) * mask
         kl = ((torch.exp(delta) - delta - 1.0) * mask).sum() / denom  # k3: unbiased, always >= 0
         loss = loss + kl_coef * kl
         metrics["kl"] = _as_float(kl)

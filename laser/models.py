@@ -208,14 +208,15 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+               device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
     model.eval()
-    return model
+    return model.to(device) if device else model
 
 
 # ------------------------------------------------------------------------------------------------ z_c token lookup

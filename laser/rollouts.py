@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from laser.io import atomic_path, atomic_write_json
+from laser.score import self_reward_score, two_token_score
 
 LASER_JSON = "laser.json"
 
@@ -48,9 +50,22 @@ class SelfRewardConfig:
     self_reward_token_id: int
     c_ref: float
     beta_v: float
+    incorrect_token_id: int | None = None  # z_i of the SFT ablation only: then score = sigmoid(lp(z_c) − lp(z_i))
 
-    def score(self, z_c_logprob: float | None) -> float | None:
-        return None if z_c_logprob is None else self.beta_v * (z_c_logprob - self.c_ref)
+    @property
+    def probe_token_ids(self) -> list[int]:
+        """Tokens whose log-prob after EOS the score needs: z_c (and z_i for the SFT ablation)."""
+        extra = [] if self.incorrect_token_id is None else [self.incorrect_token_id]
+        return [self.self_reward_token_id, *extra]
+
+    def score(self, probe_logprobs: list[float] | None) -> float | None:
+        """r_s from the probe log-probs (None for a truncated response)."""
+        if probe_logprobs is None:
+            return None
+        values = torch.tensor(probe_logprobs, dtype=torch.float64)
+        if self.incorrect_token_id is not None:
+            return float(two_token_score(values[0], values[1]))
+        return float(self_reward_score(values[0], self.c_ref, self.beta_v))
 
 
 def read_self_reward_config(path: str | Path) -> SelfRewardConfig:
@@ -63,14 +78,15 @@ def read_self_reward_config(path: str | Path) -> SelfRewardConfig:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: self-reward config not found (run the ref_constant or train stage)") from None
     keys = [f for f in SelfRewardConfig.__dataclass_fields__]
-    missing = [k for k in keys if k not in data]
+    missing = [k for k in keys[:4] if k not in data]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing} (a laser.json needs {keys})")
-    return SelfRewardConfig(**{k: data[k] for k in keys})
+        raise ValueError(f"{path}: missing keys {missing} (a laser.json needs {keys[:4]})")
+    return SelfRewardConfig(**{k: data[k] for k in keys if k in data})
 
 
 def write_self_reward_config(model_dir: str | Path, config: SelfRewardConfig) -> None:
-    atomic_write_json(Path(model_dir) / LASER_JSON, asdict(config))
+    data = {k: v for k, v in asdict(config).items() if v is not None}
+    atomic_write_json(Path(model_dir) / LASER_JSON, data)
 
 
 def rollout_rows(completions, problems: Sequence[dict], verdicts, config: SelfRewardConfig | None,
@@ -80,7 +96,8 @@ def rollout_rows(completions, problems: Sequence[dict], verdicts, config: SelfRe
     rows = []
     for completion, verdict in zip(completions, verdicts, strict=True):
         problem = problems[completion.prompt_index]
-        z_c = completion.probe_logprobs[0] if completion.probe_logprobs else None
+        probes = completion.probe_logprobs
+        z_c = probes[0] if probes else None
         rows.append({
             "problem_id": str(problem["id"]),
             "sample_idx": completion.sample_index,
@@ -93,7 +110,7 @@ def rollout_rows(completions, problems: Sequence[dict], verdicts, config: SelfRe
             "verify_status": verdict.status,
             "reward": int(verdict.reward),
             "z_c_logprob": z_c,
-            "score": config.score(z_c) if config else None,
+            "score": config.score(probes) if config else None,
             "gold_answer": str(problem["answer"]),
             "eval_set": eval_set,
         })

@@ -17,7 +17,10 @@ def load_generator(params: Params, model_dir: str | Path):
     """(tokenizer, model, generator) for ``model_dir``. Only the ``hf`` backend exists so far; a vLLM backend
     implements the same ``laser.generation.Generator`` protocol."""
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
-    model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else None
+    model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code, device)
     return tokenizer, model, HFGenerator(model, tokenizer, batch_size=params.generation.batch_size)
 
 

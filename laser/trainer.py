@@ -32,8 +32,8 @@ from laser.config import Params
 from laser.generation import HFGenerator, Sampling
 from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft_loss
 from laser.metrics import self_verification
+from laser.rollouts import SelfRewardConfig
 from laser.schedule import Phase, warmup_phase
-from laser.score import self_reward_score, two_token_score
 from laser.verify import summarize, verify_batch
 
 
@@ -75,6 +75,8 @@ class LaserTrainer:
         self.tokens, self.rank, self.world_size, self.ref_model = tokens, rank, world_size, ref_model
         self.train = params.train
         self.prompt_ids = [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
+        self.score_config = SelfRewardConfig("z_c", tokens.z_c_id, tokens.c_ref, params.self_reward.beta_v,
+                                             tokens.z_i_id)
 
     # ------------------------------------------------------------------------------------------------ rollouts
 
@@ -83,7 +85,7 @@ class LaserTrainer:
         mine = indices[self.rank::self.world_size]  # whole groups per rank
         g = self.params.generation
         sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens, seed=self.train.seed + 7919 * step + self.rank)
-        probes = [self.tokens.z_c_id] + ([self.tokens.z_i_id] if self.tokens.z_i_id is not None else [])
+        probes = self.score_config.probe_token_ids
         with ds.gathered_for_generation(self.engine) as model:
             model.eval()
             generator = HFGenerator(model, self.tokenizer, batch_size=g.batch_size)
@@ -104,12 +106,8 @@ class LaserTrainer:
         )
 
     def _score(self, probe_logprobs: list[float] | None) -> float:
-        if probe_logprobs is None:
-            return 0.0
-        if self.params.self_reward.loss == "sft":
-            return float(two_token_score(torch.tensor(probe_logprobs[0]), torch.tensor(probe_logprobs[1])))
-        return float(self_reward_score(torch.tensor(probe_logprobs[0]), self.tokens.c_ref,
-                                       self.params.self_reward.beta_v))
+        score = self.score_config.score(probe_logprobs)
+        return 0.0 if score is None else score
 
     # ---------------------------------------------------------------------------------------------- advantages
 
@@ -156,7 +154,8 @@ class LaserTrainer:
     def _global_counts(self, batch: PolicyBatch, rewards: torch.Tensor) -> dict:
         counts = torch.tensor([float(batch.response_mask.sum()),
                                float((batch.has_slot & (rewards > 0.5)).sum()),
-                               float((batch.has_slot & (rewards <= 0.5)).sum())], dtype=torch.float64)
+                               float((batch.has_slot & (rewards <= 0.5)).sum())], dtype=torch.float64,
+                              device=self.engine.device)  # nccl reduces only device tensors
         if self.world_size > 1:
             torch.distributed.all_reduce(counts)
         return {"num_tokens": counts[0].item(), "num_correct": counts[1].item(), "num_incorrect": counts[2].item()}
@@ -176,7 +175,7 @@ class LaserTrainer:
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         if self.world_size > 1:  # each rank holds its share of globally normalised sums: add them up
-            values = torch.tensor(list(sums.values()), dtype=torch.float64)
+            values = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.engine.device)
             torch.distributed.all_reduce(values)
             sums = dict(zip(sums, values.tolist()))
         sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
@@ -185,6 +184,10 @@ class LaserTrainer:
 
     def _micro_loss(self, batch: PolicyBatch, rewards, advantages, old_logprobs, phase, counts):
         sr = self.params.self_reward
+        device = self.engine.device
+        batch = batch.to(device)
+        rewards, advantages = rewards.to(device), advantages.to(device)
+        old_logprobs = None if old_logprobs is None else old_logprobs.to(device)
         extra = self.tokens.z_i_id if sr.loss == "sft" else None
         token_logprobs, z_c_logprob, z_i_logprob = policy_forward(self.engine, batch, extra)
         old = token_logprobs.detach() if old_logprobs is None else old_logprobs[:, :token_logprobs.shape[1]]

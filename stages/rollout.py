@@ -32,7 +32,7 @@ def rollout_eval_set(params: Params, generator, tokenizer, config: SelfRewardCon
     """K samples per problem, verified and scored: (the rows of one rollout parquet, verdict counts)."""
     completions = generator.generate(
         tokenize_prompts(tokenizer, problems), params.rollout.samples_per_problem,
-        sampling(params, params.rollout.seed), probe_token_ids=[config.self_reward_token_id], progress=True)
+        sampling(params, params.rollout.seed), probe_token_ids=config.probe_token_ids, progress=True)
     verdicts = verify_batch([c.text for c in completions], [problems[c.prompt_index]["answer"] for c in completions],
                             timeout_s=params.verifier.timeout_s, num_workers=params.verifier.num_workers,
                             require_single_boxed=params.verifier.require_single_boxed)

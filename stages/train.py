@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -104,18 +104,22 @@ def final_metrics(steps_log: Path) -> dict:
 
 def train(params: Params) -> None:
     rank, world_size = ds.init_distributed()
-    if params.train.prompts_per_step % world_size or params.train.mini_batch_size % world_size:
-        raise StageError(f"train.prompts_per_step={params.train.prompts_per_step} and train.mini_batch_size="
-                         f"{params.train.mini_batch_size} must be multiples of the {world_size} processes")
+    t = params.train
+    if t.prompts_per_step % world_size or t.mini_batch_size % (world_size * t.micro_batch_size):
+        # each rank must run exactly mini/(W*micro) micro-batches per mini-batch: DeepSpeed's accumulation count
+        raise StageError(f"with {world_size} processes, train.prompts_per_step={t.prompts_per_step} must be a "
+                         f"multiple of {world_size} and train.mini_batch_size={t.mini_batch_size} a multiple of "
+                         f"{world_size} x micro_batch_size={t.micro_batch_size}")
     paths = params.paths
     ref_config = read_self_reward_config(paths.ref_constant)
-    ref_config = SelfRewardConfig(ref_config.self_reward_token, ref_config.self_reward_token_id,
-                                  ref_config.c_ref, params.self_reward.beta_v)
+    ref_config = replace(ref_config, beta_v=params.self_reward.beta_v)
     model_dir = base_model_dir(params)
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
     model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code)
-    ref_model = load_model(model_dir, params.model.dtype) if params.train.kl_coef > 0 else None
     engine = ds.initialize(model, params.train, params.model.dtype, world_size)
+    ref_model = None
+    if params.train.kl_coef > 0:  # loaded only when the KL term is on (the paper's runs use none)
+        ref_model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code, engine.device)
     steps_log, ckpt_dir = Path(paths.train_steps), Path(paths.checkpoints)
     start = 0
     if rank == 0:
@@ -124,11 +128,15 @@ def train(params: Params) -> None:
     if world_size > 1:
         torch.distributed.barrier()
     if (ckpt_dir / "latest").exists() and (rank != 0 or resumable):
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        loaded, client_state = engine.load_checkpoint(str(ckpt_dir))
+        if loaded is None:
+            raise StageError(f"checkpoint in {ckpt_dir} could not be loaded; delete the directory to start over")
         start = client_state["step"]
         if rank == 0:
             truncate_log(steps_log, start)
             print(f"resumed from checkpoint at step {start}")
+    if rank == 0 and start == 0:
+        steps_log.unlink(missing_ok=True)  # a crash before the first checkpoint leaves lines to drop
     trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
                            self_reward_tokens(params, tokenizer, ref_config), rank, world_size, ref_model)
     steps_log.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,7 @@ def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
     params = yaml.safe_load((smoke_repo / "params.yaml").read_text())
     params["train"]["lr"] = 2e-3
     (smoke_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dry = _run(["dvc", "repro", "--dry"], smoke_repo).stdout
-    ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    out = _run(["dvc", "repro"], smoke_repo).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "rollout@trained", "evaluate"}
+    assert "Stage 'prepare' didn't change" in out and "Stage 'rollout@base' didn't change" in out
