@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from laser.batch import collate, policy_forward
 from laser.generation import HFGenerator, Sampling
 from laser.io import atomic_write_json
-from laser.models import load_model, load_tokenizer, resolve_model_dir
+from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
 
 QUESTIONS = ["What is 17 + 25?", "Tom has 3 apples and buys 9 more. How many apples?", "What is 81 - 39?",
              "Compute 6 * 7.", "A box holds 12 pens. How many pens are in 4 boxes?", "What is 150 + 275?",
@@ -35,12 +35,12 @@ QUESTIONS = ["What is 17 + 25?", "Tom has 3 apples and buys 9 more. How many app
 
 
 def official_scores(model, completions, z_c_id: int, pad_id: int, micro: int) -> list[float]:
-    """The official recipe: a separate forward over prompt + response (+ z_c) for every finished sample."""
-    finished = [c for c in completions if c.finish_reason == "eos"]
+    """The official recipe: a separate forward over prompt + response (+ z_c) for every sample (truncated ones
+    are masked afterwards, as the official code does)."""
     scores: list[float] = []
     with torch.no_grad():
-        for i in range(0, len(finished), micro):
-            part = finished[i:i + micro]
+        for i in range(0, len(completions), micro):
+            part = completions[i:i + micro]
             batch = collate([c.prompt_token_ids for c in part], [c.response_token_ids for c in part],
                             [True] * len(part), z_c_id, pad_id)
             scores += policy_forward(model, batch)[1].tolist()
@@ -53,15 +53,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--z-c-token", default=None,
+                        help="the z_c token string (default: the first z_c candidate of the tokenizer)")
     parser.add_argument("--out", default="bench/results/rollout_overhead.json")
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model, ".cache")
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
-    z_c_id = 6 if args.model == "smollm2-135m-instruct" else len(tokenizer) - 3
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q + " Explain in detail."}],
-                                                       tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    z_c_id = token_id(tokenizer, args.z_c_token or z_c_candidates(tokenizer)[0])
+    messages = [[{"role": "user", "content": q + " Show your reasoning briefly."}] for q in QUESTIONS]
+    prompts = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for m in messages]
     per_prompt = max(1, args.samples // len(prompts))
     generator = HFGenerator(model, tokenizer, batch_size=args.samples)
     sampling = Sampling(temperature=1.0, max_new_tokens=args.tokens, seed=0)
@@ -90,7 +92,7 @@ def main() -> None:
     result = {
         "model": args.model, "samples": len(completions), "max_new_tokens": args.tokens,
         "generated_tokens": sum(len(c.response_token_ids) for c in completions),
-        "finished": sum(c.finish_reason == "eos" for c in completions),
+        "finished": sum(c.finish_reason == "eos" for c in completions), "z_c_token_id": z_c_id,
         "seconds": times, "median_seconds": median,
         "overhead_in_pass": median["in_pass"] / median["plain"],
         "overhead_official": median["official"] / median["plain"],
