@@ -429,72 +429,84 @@ class VerifierPool:
             raise
 
     def _dispatch(self, keys: list[tuple[str, str]], timeout_s: float) -> list[tuple[str, str | None]]:
+        """Verify ``keys`` in chunks across the workers. A worker that dies or passes its deadline is replaced:
+        the item it was on gets ``error`` / ``timeout`` and the rest of its chunk goes back to the queue."""
         self._ensure_workers()
         results: list[tuple[str, str | None] | None] = [None] * len(keys)
         queue: collections.deque[int] = collections.deque(range(len(keys)))
         chunk_size = max(1, min(_MAX_CHUNK, math.ceil(len(keys) / (4 * self.num_workers))))
-
-        def fail_current(worker: _Worker, status: str, message: str) -> None:
-            seq = worker.pending.popleft()
-            results[seq] = (status, message)
-            queue.extendleft(reversed(worker.pending))  # the rest of its chunk goes to another worker
-            worker.pending.clear()
-            self._replace(worker)
-
         while queue or any(w.pending for w in self._workers):
-            now = time.monotonic()
-            for worker in self._workers:
-                if not worker.pending and queue:
-                    chunk = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
-                    try:
-                        worker.outbox.send([(seq, *keys[seq]) for seq in chunk])
-                    except OSError:  # it died while idle: put the chunk back, start another
-                        queue.extendleft(reversed(chunk))
-                        if not worker.ready:
-                            worker.kill()
-                            raise VerifierError("a verifier worker died while starting") from None
-                        self.stats["worker_deaths"] += 1
-                        self._replace(worker)
-                        continue
-                    worker.pending.extend(chunk)
-                    worker.deadline = now + timeout_s if worker.ready else worker.started + _STARTUP_TIMEOUT_S
+            self._feed_idle(queue, keys, chunk_size, timeout_s)
             busy = [w for w in self._workers if w.pending]
-            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            wait([w.inbox for w in busy], timeout=wait_s)  # a dead worker's pipe reads EOF: ready too
-            for worker in busy:
-                died = False
-                try:
-                    while worker.pending and worker.inbox.poll():
-                        message = worker.inbox.recv()
-                        if not worker.ready:
-                            if message[0] != "ready":
-                                raise VerifierError(f"a verifier worker failed to start:\n{message[1]}")
-                            worker.ready = True
-                        else:
-                            seq, status, err = message
-                            expected = worker.pending.popleft()
-                            if seq != expected:
-                                raise VerifierError(f"verifier protocol error: got item {seq}, expected {expected}")
-                            results[seq] = (status, err)
-                        worker.deadline = time.monotonic() + timeout_s
-                except (EOFError, OSError):
-                    died = True
-                if worker.pending and died:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        worker.process.wait(1)
-                    code = worker.process.poll()
-                    if not worker.ready:
-                        worker.kill()
-                        raise VerifierError(f"a verifier worker died while starting (exit code {code})")
-                    self.stats["worker_deaths"] += 1
-                    fail_current(worker, "error", f"verifier worker died (exit code {code})")
-                elif worker.pending and time.monotonic() >= worker.deadline:
-                    if not worker.ready:
-                        worker.kill()
-                        raise VerifierError(f"a verifier worker did not start within {_STARTUP_TIMEOUT_S:.0f} s")
-                    self.stats["timeouts"] += 1
-                    fail_current(worker, "timeout", f"verification took longer than {timeout_s:g} s")
+            wait([w.inbox for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+            for worker in busy:  # a dead worker's pipe reads EOF, so wait() returned for it too
+                died = self._drain(worker, results, timeout_s)
+                failure = self._failure(worker, died, timeout_s)
+                if failure is not None:
+                    results[worker.pending.popleft()] = failure
+                    queue.extendleft(reversed(worker.pending))
+                    worker.pending.clear()
+                    self._replace(worker)
         return results  # type: ignore[return-value]
+
+    def _feed_idle(self, queue: collections.deque[int], keys: list[tuple[str, str]], chunk_size: int,
+                   timeout_s: float) -> None:
+        """Send the next chunk of ``queue`` to every idle worker and set its deadline."""
+        for worker in self._workers:
+            if worker.pending or not queue:
+                continue
+            chunk = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
+            try:
+                worker.outbox.send([(seq, *keys[seq]) for seq in chunk])
+            except OSError:  # it died while idle: put the chunk back, start another
+                queue.extendleft(reversed(chunk))
+                if not worker.ready:
+                    worker.kill()
+                    raise VerifierError("a verifier worker died while starting") from None
+                self.stats["worker_deaths"] += 1
+                self._replace(worker)
+                continue
+            worker.pending.extend(chunk)
+            worker.deadline = time.monotonic() + timeout_s if worker.ready else worker.started + _STARTUP_TIMEOUT_S
+
+    def _drain(self, worker: _Worker, results: list, timeout_s: float) -> bool:
+        """Store every answer ``worker`` has sent so far; True when its pipe is closed (it died)."""
+        try:
+            while worker.pending and worker.inbox.poll():
+                if not worker.ready:
+                    self._handle_startup_message(worker)
+                else:
+                    seq, status, err = worker.inbox.recv()
+                    expected = worker.pending.popleft()
+                    if seq != expected:
+                        raise VerifierError(f"verifier protocol error: got item {seq}, expected {expected}")
+                    results[seq] = (status, err)
+                worker.deadline = time.monotonic() + timeout_s
+        except (EOFError, OSError):
+            return True
+        return False
+
+    def _failure(self, worker: _Worker, died: bool, timeout_s: float) -> tuple[str, str] | None:
+        """The verdict for the item a dead or overdue ``worker`` holds, None while it is fine; a worker that fails
+        before it ever started is an environment problem, raised rather than counted."""
+        if not worker.pending:
+            return None
+        if died:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(1)
+            code = worker.process.poll()
+            if not worker.ready:
+                worker.kill()
+                raise VerifierError(f"a verifier worker died while starting (exit code {code})")
+            self.stats["worker_deaths"] += 1
+            return "error", f"verifier worker died (exit code {code})"
+        if time.monotonic() >= worker.deadline:
+            if not worker.ready:
+                worker.kill()
+                raise VerifierError(f"a verifier worker did not start within {_STARTUP_TIMEOUT_S:.0f} s")
+            self.stats["timeouts"] += 1
+            return "timeout", f"verification took longer than {timeout_s:g} s"
+        return None
 
 
 # -------------------------------------------------------------------------------------- module-level convenience

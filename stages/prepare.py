@@ -102,79 +102,95 @@ class PreparedData:
     errors: list[str] = field(default_factory=list)  # reject limits exceeded: the data must not be written
 
 
+@dataclass
+class _SetBuilder:
+    """One set being built: the rows kept, the rows rejected (with file and line) and the counters."""
+    name: str  # "train" or "eval/<name>"
+    label: str  # the source, as written in stats and rejects
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)  # bad rows by reason (eval duplicates are not bad)
+    seen_ids: set[str] = field(default_factory=set)
+    read: int = 0
+    duplicates_of_eval: int = 0
+
+    def reject(self, line: int, reason: str, detail: str = "", *, bad: bool = True, **extra: Any) -> None:
+        if bad:
+            self.reasons[reason] += 1
+        self.rejects.append({"set": self.name, "file": self.label, "line": line, "reason": reason,
+                             "detail": detail, **extra})
+
+    def take(self, stream: Iterator[Row | Reject], want: int, exclude: dict[str, str] | None) -> list[Row] | None:
+        """Up to ``want`` valid rows from ``stream`` that are not eval duplicates; None once it is exhausted."""
+        batch: list[Row] = []
+        for item in stream:
+            self.read += 1
+            other = exclude.get(normalize_problem(item.problem)) if exclude and isinstance(item, Row) else None
+            if isinstance(item, Reject):
+                self.reject(item.line, item.reason, item.detail)
+            elif other is not None:
+                self.duplicates_of_eval += 1
+                self.reject(item.line, "duplicate_of_eval", f"same problem as in eval set {other!r}", bad=False,
+                            eval_set=other)
+            else:
+                batch.append(item)
+            if len(batch) == want:
+                return batch
+        return batch or None
+
+    def admit(self, batch: list[Row], source: SourceParams, params: PrepareParams, tokenizer) -> None:
+        """Render and tokenize ``batch`` (one tokenizer call: the cost of this stage) and keep the rows that fit."""
+        rendered = [render_prompt(r.problem, params.instruction, params.few_shot, tokenizer, params.prompt_format)
+                    for r in batch]
+        counts = [len(ids) for ids in tokenizer([p for _, p in rendered], add_special_tokens=False)["input_ids"]]
+        for row, (messages, prompt), n_tokens in zip(batch, rendered, counts):
+            if n_tokens > params.max_prompt_tokens:
+                self.reject(row.line, "prompt_too_long",
+                            f"{n_tokens} tokens > max_prompt_tokens {params.max_prompt_tokens}")
+            elif row.id in self.seen_ids:
+                self.reject(row.line, "duplicate_id", f"id {row.id!r} seen before")
+            else:
+                self.seen_ids.add(row.id)
+                self.rows.append({"id": row.id, "source": self.label, "split": source.split, "problem": row.problem,
+                                  "answer": row.answer, "messages": messages, "prompt": prompt,
+                                  "prompt_tokens": n_tokens})
+
+    def stats(self, source: SourceParams, target: int | None) -> dict[str, Any]:
+        rejected = sum(self.reasons.values())
+        token_counts = [r["prompt_tokens"] for r in self.rows]
+        stats = {
+            "source": self.label,
+            "kind": source.kind,
+            "split": source.split,
+            "rows": len(self.rows),
+            "rows_read": self.read,
+            "rejected": rejected,
+            "rejected_by_reason": dict(sorted(self.reasons.items())),
+            "reject_fraction": rejected / self.read if self.read else 0.0,
+            "duplicates_of_eval_removed": self.duplicates_of_eval,
+            "prompt_tokens": {
+                "min": min(token_counts, default=0),
+                "mean": round(statistics.fmean(token_counts), 2) if token_counts else 0.0,
+                "max": max(token_counts, default=0),
+            },
+        }
+        if target is not None and len(self.rows) < target:
+            stats["short_by"] = target - len(self.rows)  # the source ran out (or the generator found no new problems)
+        return stats
+
+
 def _build_set(set_name: str, source: SourceParams, params: PrepareParams, tokenizer,
                exclude: dict[str, str] | None = None) -> PreparedSet:
     """Read ``source`` until the set is full; ``exclude`` maps normalised eval problems to their eval set."""
     target = source.num_problems if source.kind == "synthetic" else source.limit
-    label = source_label(source)
-    prefix = set_name.removeprefix("eval/")
-    reasons: Counter[str] = Counter()
-    rejects: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    seen_ids: set[str] = set()
-    duplicates, read = 0, 0
-
-    def reject(line: int, reason: str, detail: str = "", **extra: Any) -> None:
-        rejects.append({"set": set_name, "file": label, "line": line, "reason": reason, "detail": detail, **extra})
-
-    stream: Iterator[Row | Reject] = read_source(source, prefix)
-    exhausted = False
-    while not exhausted and (target is None or len(rows) < target):
-        batch: list[Row] = []
-        want = _BATCH if target is None else min(_BATCH, target - len(rows))
-        while len(batch) < want:
-            item = next(stream, None)
-            if item is None:
-                exhausted = True
-                break
-            read += 1
-            if isinstance(item, Reject):
-                reasons[item.reason] += 1
-                reject(item.line, item.reason, item.detail)
-                continue
-            other = exclude.get(normalize_problem(item.problem)) if exclude else None
-            if other is not None:
-                duplicates += 1
-                reject(item.line, "duplicate_of_eval", f"same problem as in eval set {other!r}", eval_set=other)
-                continue
-            batch.append(item)
-        rendered = [render_prompt(r.problem, params.instruction, params.few_shot, tokenizer, params.prompt_format)
-                    for r in batch]
-        counts = [len(ids) for ids in tokenizer([p for _, p in rendered], add_special_tokens=False)["input_ids"]] \
-            if batch else []
-        for row, (messages, prompt), n_tokens in zip(batch, rendered, counts):
-            if n_tokens > params.max_prompt_tokens:
-                reasons["prompt_too_long"] += 1
-                reject(row.line, "prompt_too_long", f"{n_tokens} tokens > max_prompt_tokens {params.max_prompt_tokens}")
-                continue
-            if row.id in seen_ids:
-                reasons["duplicate_id"] += 1
-                reject(row.line, "duplicate_id", f"id {row.id!r} seen before")
-                continue
-            seen_ids.add(row.id)
-            rows.append({"id": row.id, "source": label, "split": source.split, "problem": row.problem,
-                         "answer": row.answer, "messages": messages, "prompt": prompt, "prompt_tokens": n_tokens})
-    rejected = sum(reasons.values())
-    token_counts = [r["prompt_tokens"] for r in rows]
-    stats = {
-        "source": label,
-        "kind": source.kind,
-        "split": source.split,
-        "rows": len(rows),
-        "rows_read": read,
-        "rejected": rejected,
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "reject_fraction": rejected / read if read else 0.0,
-        "duplicates_of_eval_removed": duplicates,
-        "prompt_tokens": {
-            "min": min(token_counts, default=0),
-            "mean": round(statistics.fmean(token_counts), 2) if token_counts else 0.0,
-            "max": max(token_counts, default=0),
-        },
-    }
-    if target is not None and len(rows) < target:
-        stats["short_by"] = target - len(rows)  # the source ran out (or the generator found no new problems)
-    return PreparedSet(set_name, rows, stats, rejects)
+    builder = _SetBuilder(set_name, source_label(source))
+    stream = read_source(source, set_name.removeprefix("eval/"))
+    while target is None or len(builder.rows) < target:
+        batch = builder.take(stream, _BATCH if target is None else min(_BATCH, target - len(builder.rows)), exclude)
+        if batch is None:
+            break
+        builder.admit(batch, source, params, tokenizer)
+    return PreparedSet(set_name, builder.rows, builder.stats(source, target), builder.rejects)
 
 
 def prepare(params: PrepareParams, tokenizer) -> PreparedData:
