@@ -137,6 +137,11 @@ class LaserTrainer:
                                                 None if old_logprobs is None else old_logprobs[rows], phase))
         return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
 
+    @property
+    def _temperature(self) -> float:
+        """Training log-probs are those of the sampling distribution (policy_forward; 0 = greedy counts as 1)."""
+        return self.params.generation.temperature
+
     def _on_policy(self) -> bool:
         rollouts = self.train.prompts_per_step * self.train.group_size
         return self.train.ppo_epochs == 1 and self.train.mini_batch_size == rollouts
@@ -147,7 +152,7 @@ class LaserTrainer:
         if self._on_policy():
             return None
         micro = self.train.micro_batch_size
-        parts = [policy_forward(self.engine, batch.select(slice(i, i + micro)))[0]
+        parts = [policy_forward(self.engine, batch.select(slice(i, i + micro)), temperature=self._temperature)[0]
                  for i in range(0, len(batch.finished), micro)]
         return _cat_padded(parts)
 
@@ -189,7 +194,7 @@ class LaserTrainer:
         rewards, advantages = rewards.to(device), advantages.to(device)
         old_logprobs = None if old_logprobs is None else old_logprobs.to(device)
         extra = self.tokens.z_i_id if sr.loss == "sft" else None
-        token_logprobs, z_c_logprob, z_i_logprob = policy_forward(self.engine, batch, extra)
+        token_logprobs, z_c_logprob, z_i_logprob = policy_forward(self.engine, batch, extra, self._temperature)
         old = token_logprobs.detach() if old_logprobs is None else old_logprobs[:, :token_logprobs.shape[1]]
         ref = self._ref_logprobs(batch) if self.train.kl_coef > 0 else None
         pg_loss, metrics = grpo_policy_loss(token_logprobs, old, advantages, batch.response_mask,
@@ -210,7 +215,7 @@ class LaserTrainer:
 
     @torch.no_grad()
     def _ref_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        return policy_forward(self.ref_model, batch)[0]
+        return policy_forward(self.ref_model, batch, temperature=self._temperature)[0]
 
 
 def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:

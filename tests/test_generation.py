@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from laser.batch import collate, policy_forward
 from laser.generation import HFGenerator, Sampling, full_forward_probe_logprobs, left_pad, sample_next_token
 from laser.models import ModelError, load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
 
@@ -161,3 +162,33 @@ def test_ref_constant_auto_picks_the_steadiest_candidate(tiny_model_dir, repo_ca
     assert summary["n"] == len(values) > 0
     assert summary["c_ref"] == pytest.approx(sum(values) / len(values))
     assert summary["score_noise"] == pytest.approx(0.1 * summary["std"])
+
+
+def test_training_logprobs_follow_the_sampling_temperature_and_z_c_does_not(tiny_model_dir):
+    """policy_forward at T: response log-probs of softmax(logits / T) (a per-row loop reference), while z_c and z_i
+    stay at temperature 1 and equal the rollout engine's scores."""
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    z_c, z_i = token_id(tokenizer, "<|z_c|>"), token_id(tokenizer, "<|z_i|>")
+    prompts = _chat_prompts(tokenizer, ["What is 1 + 2?", "What is 7 + 8? Think first."])
+    completions = HFGenerator(model, tokenizer, batch_size=4).generate(
+        prompts, 3, Sampling(temperature=0.7, max_new_tokens=30, seed=5), probe_token_ids=[z_c, z_i])
+    finished = [c.finish_reason == "eos" for c in completions]
+    assert any(finished)
+    batch = collate([c.prompt_token_ids for c in completions], [c.response_token_ids for c in completions],
+                    finished, z_c, tokenizer.pad_token_id)
+    with torch.no_grad():
+        hot, z_c_hot, z_i_hot = policy_forward(model, batch, z_i, temperature=0.7)
+        cold, z_c_cold, z_i_cold = policy_forward(model, batch, z_i, temperature=1.0)
+    assert torch.allclose(z_c_hot, z_c_cold, atol=1e-5) and torch.allclose(z_i_hot, z_i_cold, atol=1e-5)
+    assert not torch.allclose(hot[batch.response_mask], cold[batch.response_mask], atol=1e-3)
+    for r, c in enumerate(completions):
+        ids = list(c.prompt_token_ids) + list(c.response_token_ids)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        start = len(c.prompt_token_ids)
+        expected = [torch.log_softmax(logits[t - 1] / 0.7, dim=-1)[ids[t]].item() for t in range(start, len(ids))]
+        assert hot[r, start:len(ids)].tolist() == pytest.approx(expected, abs=1e-4)
+        if c.finish_reason == "eos":
+            assert [z_c_hot[r].item(), z_i_hot[r].item()] == pytest.approx(c.probe_logprobs, abs=1e-4)
+        else:
+            assert z_c_hot[r].item() == 0.0
