@@ -21,8 +21,10 @@ profile changed. ``force`` names a stage (or a ``foreach`` group); it and all it
 
 Retries (params ``flow.*``): up to ``flow.retries`` more attempts, waiting ``flow.retry_delay_s *
 flow.retry_backoff**i`` seconds before retry ``i+1``. A stage that rejects its params (its script exits 2 after
-printing a ``params: ...`` line on stderr, see ``laser.cli``) fails at once with that line; any other failure
-(killed by a signal, OOM, exit 137, a lost worker) is transient and retried. When a stage fails for good, the
+printing a ``params: ...`` line on stderr, see ``laser.cli``) fails at once with that line, and so does one that
+says it cannot succeed as configured (exit 3 after an ``error: ...`` line: rejected data, a model or token not
+found, an impossible batch geometry); any other failure (killed by a signal, OOM, exit 137, a lost worker, an
+unexpected exception) may be transient and is retried. When a stage fails for good, the
 stages downstream of it are skipped, independent ones still run, and the flow fails naming every failed stage.
 Params are validated with ``laser.config.load_params`` before any stage starts.
 
@@ -67,6 +69,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from laser.cli import BAD_PARAMS_EXIT, PERMANENT_EXIT
 from laser.config import Params, ParamsError, apply_profile, load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +77,6 @@ METRICS_ARTIFACT = "laser-metrics"
 REPORT_ARTIFACT = "laser-report"
 DEFAULT_DEPLOYMENT = "scheduled"
 DEFAULT_CRON = "0 3 * * *"  # every day at 03:00 (the server's time zone: UTC unless configured)
-BAD_PARAMS_EXIT = 2  # laser.cli: a stage that rejects its params exits 2 after a `params:` line on stderr
 
 # DVC's own line for a failed stage command: "ERROR: failed to reproduce 'b': failed to run: cmd, exited with 2"
 _FAILED_RUN = re.compile(r"failed to run: .*, exited with (-?\d+)")
@@ -88,7 +90,11 @@ class StageError(RuntimeError):
     """``dvc repro -s <stage>`` failed for a reason worth retrying (signal, OOM, lost worker, ...)."""
 
 
-class BadParamsStageError(StageError):
+class PermanentStageError(StageError):
+    """The stage said it cannot succeed as configured (``laser.cli.PERMANENT_EXIT``): retrying cannot help."""
+
+
+class BadParamsStageError(PermanentStageError):
     """The stage rejected its params (exit 2 + a ``params:`` line): retrying cannot help."""
 
 
@@ -222,11 +228,12 @@ def _describe_exit(code: int) -> str:
 
 
 def _retry_transient(_task, _task_run, state) -> bool:
-    """Prefect's ``retry_condition_fn``: retry anything but a bad-params failure (it must be a plain function)."""
+    """Prefect's ``retry_condition_fn``: retry all but permanent failures (it must be a plain function)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is not None:
-        return not isinstance(exc, BadParamsStageError)
-    return BadParamsStageError.__name__ not in (state.message or "")
+        return not isinstance(exc, PermanentStageError)
+    message = state.message or ""
+    return not any(cls.__name__ in message for cls in (PermanentStageError, BadParamsStageError))
 
 
 @task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
@@ -234,7 +241,7 @@ def run_stage(stage: str, force: bool = False, repo_root: str = ".") -> dict[str
     """``dvc repro -s [-f] <stage>`` in the repo root; DVC decides whether the stage is stale.
 
     Returns ``{"stage", "status": "ran" | "restored" | "unchanged", "forced", "attempt", "seconds"}``; raises
-    ``BadParamsStageError`` (not retried) or ``StageError`` (retried).
+    ``BadParamsStageError`` or ``PermanentStageError`` (not retried), or ``StageError`` (retried).
     """
     logger = get_run_logger()
     context = TaskRunContext.get()
@@ -273,6 +280,10 @@ def run_stage(stage: str, force: bool = False, repo_root: str = ".") -> dict[str
     exit_code = failed_exit[-1] if failed_exit else returncode  # no "failed to run" line: dvc itself failed
     if exit_code == BAD_PARAMS_EXIT and params_lines:
         raise BadParamsStageError(f"stage {stage!r} rejected its params (not retried): " + "; ".join(params_lines))
+    if exit_code == PERMANENT_EXIT:
+        errors = [line for line in tail if line.startswith("error: ")] or list(tail)[-1:]
+        raise PermanentStageError(f"stage {stage!r} cannot succeed as configured (not retried): "
+                                  + "; ".join(errors))
     last = "\n".join(f"    {line}" for line in list(tail)[-10:])
     raise StageError(f"stage {stage!r} failed on attempt {attempt} ({_describe_exit(exit_code)}; "
                      f"dvc exited {returncode}); last stderr lines:\n{last}")
@@ -412,7 +423,8 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
             results[name] = stage_task(name, force=name in forced, repo_root=str(root))
         except Exception as err:
             results[name] = {"stage": name, "status": "failed", "error": str(err),
-                             "bad_params": isinstance(err, BadParamsStageError)}
+                             "bad_params": isinstance(err, BadParamsStageError),
+                             "retried": not isinstance(err, PermanentStageError)}
             logger.error("%s", err)
 
     report = _in_root(root, params.paths.eval_report)

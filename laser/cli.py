@@ -1,5 +1,14 @@
 """The thin shell every stage's ``main()`` shares: parse ``--params``, load and validate them, map known errors
-to one clear line and an exit code (2 = bad params: not worth a retry; 1 = anything else)."""
+to one clear line and an exit code the flow uses to decide on a retry:
+
+- 2 (``BAD_PARAMS_EXIT``): bad params, after a ``params: key = value is invalid; allowed: ...`` line;
+- 3 (``PERMANENT_EXIT``): the stage cannot succeed as configured (missing or rejected data, a model or token that
+  cannot be found, an impossible batch geometry, a verifier that cannot start): one ``error: ...`` line;
+- anything else (an unexpected exception exits 1 with its traceback, a signal, OOM): possibly transient.
+
+``--local_rank`` is accepted and ignored: the ``deepspeed`` launcher appends it, and the rank is read from the
+environment (``LOCAL_RANK``) as under ``torchrun``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from laser.config import Params, ParamsError, load_params
+from laser.data import SourceError
+from laser.models import ModelError
+from laser.verify import VerifierError
+
+BAD_PARAMS_EXIT = 2
+PERMANENT_EXIT = 3
 
 
 class StageError(RuntimeError):
@@ -19,6 +34,7 @@ def stage_main(run: Callable[[Params, argparse.Namespace], None], description: s
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
@@ -27,7 +43,7 @@ def stage_main(run: Callable[[Params, argparse.Namespace], None], description: s
         run(params, args)
     except ParamsError as err:
         print(str(err), file=sys.stderr)
-        sys.exit(2)
-    except StageError as err:
+        sys.exit(BAD_PARAMS_EXIT)
+    except (StageError, SourceError, ModelError, VerifierError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(PERMANENT_EXIT)

@@ -4,7 +4,8 @@ The toy project (built in tmp) has a chain a -> b -> r@x, r@y (foreach) -> c, wr
 the order must come from the DAG, not from the file. Every stage runs ``step.py``, which appends its name to
 ``runs.log`` (outside the outs: a record of which commands really ran) and obeys fault markers in ``faults/``:
 ``<stage>.kill_once`` (SIGKILL itself once: a transient fault) and ``<stage>.bad_params`` (exit 2 with a
-``params:`` line, as laser.cli does).
+``params:`` line, as laser.cli does) and ``<stage>.permanent`` (exit 3 with an ``error:`` line: a failure that
+cannot succeed as configured).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ faults = Path("faults")
 if (faults / f"{name}.kill_once").exists():
     (faults / f"{name}.kill_once").unlink()
     os.kill(os.getpid(), signal.SIGKILL)
+if (faults / f"{name}.permanent").exists():
+    print(f"error: toy data for {name} is missing; point toy.data at a file", file=sys.stderr)
+    sys.exit(3)
 if (faults / f"{name}.bad_params").exists():
     print(f"params: toy.{name} = 1 is invalid; allowed: a number > 1", file=sys.stderr)
     sys.exit(2)
@@ -189,6 +193,16 @@ def test_bad_params_failure_is_not_retried(prefect_api, toy):
         laser_pipeline(repo_root=str(toy))
     assert runs(toy) == ["a", "b"]  # one attempt despite flow.retries = 2; downstream never started
     assert "skipped (upstream failed): r@x, r@y, c" in str(err.value)
+
+
+def test_permanent_failure_is_not_retried(prefect_api, toy):
+    from flows.pipeline import PipelineError, laser_pipeline
+
+    (toy / "faults" / "b.permanent").touch()
+    with pytest.raises(PipelineError, match=r"toy data for b is missing") as err:
+        laser_pipeline(repo_root=str(toy))
+    assert runs(toy) == ["a", "b"]  # one attempt despite flow.retries = 2
+    assert "not retried" in str(err.value)
 
 
 def test_bad_params_file_fails_before_any_stage(prefect_api, toy):
