@@ -50,6 +50,7 @@ class PathsParams:
     checkpoints: str = "checkpoints/train"
     train_steps: str = "train/steps.jsonl"
     train_metrics: str = "train/metrics.json"
+    train_curves: str = "train/curves.csv"  # the step log as CSV: DVC plots read CSV/JSON/YAML, not JSON lines
     rollouts_dir: str = "rollouts"
     eval_metrics: str = "eval/metrics.json"
     eval_plots: str = "eval/plots"

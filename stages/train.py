@@ -6,13 +6,15 @@
 
 Reads ``paths.train_data``, the base model and ``paths.ref_constant`` (z_c and c_ref). Writes
 ``paths.trained_model`` (safetensors + tokenizer + laser.json), ``paths.train_steps`` (one JSON line per step),
-``paths.train_metrics`` and checkpoints under ``paths.checkpoints`` (every ``train.checkpoint_every`` steps).
+``paths.train_curves`` (the step log as CSV, for DVC plots), ``paths.train_metrics`` and checkpoints under
+``paths.checkpoints`` (every ``train.checkpoint_every`` steps).
 A re-run resumes from the latest checkpoint if it was made with the same params and data (a fingerprint is kept
 beside the checkpoints); otherwise it starts over.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -102,6 +104,16 @@ def final_metrics(steps_log: Path) -> dict:
             "train_seconds_total": sum(r["train_seconds"] for r in records)}
 
 
+def write_curves(steps_log: Path, path: str | Path) -> None:
+    """The step log as CSV (one row per step, every scalar column; None -> empty): what ``dvc plots`` reads."""
+    records = [json.loads(line) for line in steps_log.read_text().splitlines()]
+    columns = list(dict.fromkeys(k for r in records for k, v in r.items() if not isinstance(v, (dict, list))))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
 def train(params: Params) -> None:
     rank, world_size = ds.init_distributed()
     t = params.train
@@ -146,12 +158,14 @@ def train(params: Params) -> None:
         record = run_step(trainer, step)
         if rank == 0:
             append_jsonl(steps_log, record)
+            write_curves(steps_log, paths.train_curves)  # rewritten each step (tens of rows): plots while it runs
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", sv_f1=_fmt(record["sv_f1"]),
                             mse=_fmt(record["self_reward_mse"]))
         if step % params.train.checkpoint_every == 0 or step == params.train.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
     export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank)
     if rank == 0:
+        write_curves(steps_log, paths.train_curves)  # also when a resumed run had no step left to run
         atomic_write_json(paths.train_metrics, final_metrics(steps_log))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ def smoke_repo(tmp_path_factory, tiny_model_dir) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
-    for name in files:
+    for name in (f for f in files if f != "dvc.lock"):  # a local run's lock must not leak into the copy
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             (repo / name).write_bytes((ROOT / name).read_bytes())
@@ -52,7 +53,7 @@ def smoke_repo(tmp_path_factory, tiny_model_dir) -> Path:
 def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo):
     done = _run([sys.executable, "-m", "flows.pipeline", "--profile", "smoke"], smoke_repo, timeout=900)
     for stage in ("prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate"):
-        assert f"{stage} " in done.stdout and "ran" in done.stdout
+        assert re.search(rf"^\s*{re.escape(stage)}\s+ran \(", done.stdout, re.MULTILINE), stage
     metrics = json.loads((smoke_repo / "eval" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"base", "trained"}
     assert (smoke_repo / "eval" / "report.md").read_text().count(".png") >= 2
@@ -66,7 +67,14 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo):
     seconds = time.perf_counter() - start
     assert "Running stage" not in again.stdout
     print(f"no-op dvc repro took {seconds:.1f} s")
-    assert seconds < 15
+    assert seconds < 15  # measured 0.8 s on 2 cores (goal 5 s); slack for a loaded CI machine
+
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], smoke_repo).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    for name in ("train_curves", "score_histogram", "reliability"):
+        assert plots["data"][name] and plots["data"][name][0]["content"]["data"]["values"], name
+    images = [key for key in plots["data"] if key.endswith(".png")]
+    assert any("scaling_" in key for key in images), sorted(plots["data"])
 
 
 def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
