@@ -255,7 +255,8 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class RolloutParams:
-    models: tuple[Literal["base", "trained"], ...] = ("base", "trained")
+    """Test-time sampling; which models are rolled out is the ``foreach`` of dvc.yaml's rollout stage (the DAG)."""
+
     samples_per_problem: int = 4
     seed: int = 1234
 
