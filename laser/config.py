@@ -63,7 +63,7 @@ class ModelParams:
     """The base (= reference) model: a local HF dir, a hub id, or a built-in name."""
 
     name: str = "smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"  # auto: bfloat16 on a GPU that has it, else float32
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -223,7 +223,7 @@ class TrainParams:
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coef: float = 0.0
@@ -249,7 +249,12 @@ class TrainParams:
         _require(0 <= self.clip_low < 1, "train.clip_low", self.clip_low, "a number in [0, 1)")
         _require(self.clip_high >= 0, "train.clip_high", self.clip_high, "a number >= 0")
         _require(self.kl_coef >= 0, "train.kl_coef", self.kl_coef, "a number >= 0")
-        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip,
+                 "a number > 0, or null for no clipping")
+        _require(self.adv_eps > 0, "train.adv_eps", self.adv_eps,
+                 "a number > 0 (it keeps a group whose rewards are all equal from dividing 0 by 0)")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an int >= 0")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "0, 1, 2 or 3")
 
 

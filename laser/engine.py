@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from laser.config import TrainParams
+from laser.models import resolve_dtype
 
 
 def init_distributed() -> tuple[int, int]:
@@ -51,9 +52,9 @@ def deepspeed_config(train: TrainParams, dtype: str, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro * accumulation * world_size,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": 0.0 if train.grad_clip is None else train.grad_clip,  # DeepSpeed's 0 means off
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bfloat16"},
+        "bf16": {"enabled": resolve_dtype(dtype) == "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

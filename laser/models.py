@@ -208,13 +208,24 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def resolve_dtype(dtype: str) -> str:
+    """``model.dtype``: ``auto`` is bfloat16 on a CUDA GPU that supports it, float32 otherwise (on CPU, float32
+    keeps log π(z_c) exact enough for β_v = 0.1 and the equivalence tests); other names pass through."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
 def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+        model_dir, dtype=getattr(torch, resolve_dtype(dtype)), use_safetensors=True,
+        trust_remote_code=trust_remote_code)
     model.eval()
     return model.to(device) if device else model
 

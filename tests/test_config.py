@@ -51,6 +51,10 @@ def test_empty_file_gives_defaults(tmp_path):
          ["prepare.eval_sets.a.operators"]),
         ({"train": {"prompts_per_step": 3, "group_size": 4, "mini_batch_size": 8}},
          ["train.mini_batch_size", "8", "divisor of prompts_per_step * group_size = 12"]),
+        ({"train": {"adv_eps": 0}}, ["train.adv_eps", "a number > 0"]),
+        ({"train": {"grad_clip": 0}}, ["train.grad_clip", "null for no clipping"]),
+        ({"train": {"weight_decay": -0.1}}, ["train.weight_decay", "a number >= 0"]),
+        ({"train": {"warmup_steps": -1}}, ["train.warmup_steps", "an int >= 0"]),
         ({"rollout": {"samples_per_problem": 0}}, ["rollout.samples_per_problem", "an int > 0"]),
         ({"rollout": {"models": ["base"]}}, ["rollout.models"]),  # unknown key: the models are dvc.yaml's foreach
         ({"model": {"trust_remote_code": "yes"}}, ["model.trust_remote_code", "true or false"]),

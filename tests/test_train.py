@@ -143,6 +143,17 @@ def test_lr_schedule():
     assert [factor(i) for i in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
 
 
+def test_deepspeed_config_geometry_clipping_and_precision():
+    train = TrainParams(prompts_per_step=4, group_size=4, mini_batch_size=16, micro_batch_size=4, grad_clip=None)
+    config = ds.deepspeed_config(train, "auto", world_size=2)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (4, 2)
+    assert config["train_batch_size"] == 16 and config["zero_optimization"]["stage"] == 3
+    assert config["gradient_clipping"] == 0.0  # null grad_clip: DeepSpeed's "off"
+    assert config["bf16"]["enabled"] == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert ds.deepspeed_config(replace(train, grad_clip=0.5), "bfloat16", 1)["bf16"]["enabled"]
+    assert ds.deepspeed_config(replace(train, grad_clip=0.5), "bfloat16", 1)["gradient_clipping"] == 0.5
+
+
 # --------------------------------------------------------------------------------------- the stage, as a process
 
 
