@@ -17,16 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict:
+def _env(home: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT)
+    if home is not None:  # a fresh HOME shows whether anything writes outside the project
+        env["HOME"] = str(home)
     return env
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], cwd: Path, timeout: int = 600, home: Path | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=_env(home), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -50,8 +52,11 @@ def smoke_repo(tmp_path_factory, tiny_model_dir) -> Path:
     return repo
 
 
-def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo):
-    done = _run([sys.executable, "-m", "flows.pipeline", "--profile", "smoke"], smoke_repo, timeout=900)
+def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    done = _run([sys.executable, "-m", "flows.pipeline", "--profile", "smoke"], smoke_repo, timeout=900, home=home)
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []  # nothing written outside the project
     for stage in ("prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate"):
         assert re.search(rf"^\s*{re.escape(stage)}\s+ran \(", done.stdout, re.MULTILINE), stage
     metrics = json.loads((smoke_repo / "eval" / "metrics.json").read_text())
