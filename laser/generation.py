@@ -9,7 +9,9 @@ Backends share one interface, ``Generator.generate(prompts, num_samples, samplin
 - ``HFGenerator``: a hand-written KV-cache decode loop over any HF causal LM (CPU or GPU). It does not use
   ``model.generate`` because generate leaves the last sampled token out of the cache and keeps decoding
   finished rows; here finished rows leave the batch (``DynamicCache.batch_select_indices``).
-- ``VLLMGenerator`` (GPU, optional): see ``laser.vllm_backend``.
+- a vLLM backend (GPU) is not written yet; it plugs in here with the same ``Completion`` schema, reading z_c from
+  the logprobs of one extra decode step after EOS, and runs from its own environment (vLLM's pins conflict with
+  prefect's: fastapi, transformers).
 
 Layout: prompts are left-padded; ``position_ids = cumsum(attention_mask) - 1`` so padding never shifts
 positions, which keeps the logits equal to a full forward over the unpadded sequence.

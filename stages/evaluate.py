@@ -340,7 +340,7 @@ def _plot_rows(out_models: dict[str, Any], extras: dict[str, dict[str, Any]]) ->
 def evaluate(rollouts: dict[str, dict[str, Any]], params: EvaluateParams,
              equivalent: EquivalenceFn = math_verify_equivalent) -> EvalResult:
     """Evaluate rollouts: ``rollouts[model][eval_set]`` is a pyarrow.Table or pandas.DataFrame following the
-    rollout parquet contract (DESIGN.md; columns used: problem_id, sample_idx, pred_answer, reward, score,
+    rollout parquet contract (README "Contracts"; columns used: problem_id, sample_idx, pred_answer, reward, score,
     num_tokens, and finish_reason / verify_status when present, for counts).
 
     ``metrics`` layout::

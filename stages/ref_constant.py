@@ -26,13 +26,14 @@ from laser.rollouts import read_problems, tokenize_prompts
 from laser.runtime import base_model_dir, load_generator, sampling
 
 
-def candidate_tokens(tokenizer, token: str) -> list[str]:
+def candidate_tokens(tokenizer, token: str, incorrect_token: str | None = None) -> list[str]:
+    """``[token]``, or for ``auto`` every unused special token except z_i (the SFT ablation's incorrect token)."""
     if token != "auto":
         return [token]
-    candidates = z_c_candidates(tokenizer)
+    candidates = [t for t in z_c_candidates(tokenizer) if t != incorrect_token]
     if not candidates:
-        raise StageError("self_reward.token is 'auto' but the tokenizer has no unused special token; "
-                         "name a token in self_reward.token")
+        raise StageError("self_reward.token is 'auto' but the tokenizer has no unused special token (other than "
+                         "self_reward.incorrect_token); name a token in self_reward.token")
     return candidates
 
 
@@ -51,7 +52,7 @@ def ref_constant(params: Params, generator, tokenizer, problems: list[dict]) -> 
     cfg, sr = params.ref_constant, params.self_reward
     rng = random.Random(cfg.seed)
     chosen = rng.sample(problems, min(cfg.num_prompts, len(problems)))
-    tokens = candidate_tokens(tokenizer, sr.token)
+    tokens = candidate_tokens(tokenizer, sr.token, sr.incorrect_token if sr.loss == "sft" else None)
     ids = [token_id(tokenizer, t) for t in tokens]
     completions = generator.generate(tokenize_prompts(tokenizer, chosen), cfg.samples_per_prompt,
                                      sampling(params, cfg.seed), probe_token_ids=ids, progress=True)

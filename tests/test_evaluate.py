@@ -19,7 +19,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def rollout_table(problems: dict[str, list[tuple]], eval_set: str = "synthetic") -> pa.Table:
-    """Rows following the DESIGN.md rollout contract. problems[pid] = [(pred_answer, reward, score), ...]."""
+    """Rows following the README's rollout parquet contract. problems[pid] = [(pred_answer, reward, score), ...]."""
     rows = []
     for pid, samples in problems.items():
         for i, (pred, reward, score) in enumerate(samples):

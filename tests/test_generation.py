@@ -92,6 +92,11 @@ def test_token_lookup(tiny_model_dir):
     candidates = z_c_candidates(tokenizer)
     assert "<|z_c|>" in candidates and tokenizer.eos_token not in candidates
     assert "<|im_start|>" not in candidates  # used by the chat template
+    from stages.ref_constant import candidate_tokens
+
+    assert "<|z_i|>" in candidates  # ...but `auto` never picks the SFT ablation's incorrect token as z_c:
+    assert candidate_tokens(tokenizer, "auto", "<|z_i|>") == [t for t in candidates if t != "<|z_i|>"]
+    assert candidate_tokens(tokenizer, "<|z_c|>", "<|z_i|>") == ["<|z_c|>"]
 
 
 @pytest.mark.slow
