@@ -90,3 +90,13 @@ def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "rollout@trained", "evaluate"}
     assert "Stage 'prepare' didn't change" in out and "Stage 'rollout@base' didn't change" in out
+
+
+def test_dvc_experiment_with_a_set_param_reruns_train_and_downstream(smoke_repo):
+    out = _run(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "lr3e-3"], smoke_repo).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "rollout@trained", "evaluate"}
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], smoke_repo).stdout)
+    experiments = [exp for rev in shown for exp in rev.get("experiments") or []]
+    names = {run["name"] for exp in experiments for run in exp.get("revs") or [] if run.get("name")}
+    assert "lr3e-3" in names, json.dumps(shown)[:2000]
