@@ -287,6 +287,7 @@ def run_step(trainer: LaserTrainer, step: int) -> dict:
               **train_metrics, **adv_metrics, **rollout_metrics(everything), **times}
     record.setdefault("self_reward_mse", None)
     record["tokens_per_s"] = record["num_tokens_generated"] / max(times["gen_seconds"], 1e-9)
+    record["world_size"] = trainer.world_size
     return record
 
 

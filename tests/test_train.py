@@ -229,16 +229,22 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_processes_with_torchrun(train_workdir):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_processes(train_workdir, launcher):
     params = yaml.safe_load((train_workdir / "params.yaml").read_text())
     params["train"].update(steps=2, checkpoint_every=2)
     (train_workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(ds._free_port()), "-m", "stages.train"]  # port 0 hangs the static rendezvous
+    port = str(ds._free_port())  # port 0 hangs the static rendezvous
+    cmd = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", port, "-m", "stages.train"],
+           # the deepspeed launcher appends --local_rank=N to the stage's arguments
+           "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                         "--master_port", port, "--module", "stages.train"]}[launcher]
     done = subprocess.run(cmd, cwd=train_workdir, env=_stage_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = _steps(train_workdir)
     assert sorted(steps) == [1, 2]
+    assert all(r["world_size"] == 2 for r in steps.values())
     # metrics cover both ranks' samples: 2 prompts x 4 samples, each rank generating one group
     assert all(0 <= r["reward_mean"] <= 1 for r in steps.values())
     assert (train_workdir / "models" / "trained" / "model.safetensors").exists()
