@@ -231,13 +231,14 @@ class TrainParams:
     scale_adv_by_std: bool = True
     seed: int = 0
     checkpoint_every: int = 10
+    keep_checkpoints: int = 2  # the newest N checkpoints stay on disk; older ones are deleted after each save
     zero_stage: int = 3
     offload_optimizer: bool = False
     optimizer: Literal["adamw", "cpu_adam"] = "adamw"
 
     def __post_init__(self) -> None:
         for key in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size", "ppo_epochs",
-                    "checkpoint_every"):
+                    "checkpoint_every", "keep_checkpoints"):
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "an int > 0")
         _require(self.group_size >= 2, "train.group_size", self.group_size, "an int >= 2 (GRPO needs a group)")
         rollouts = self.prompts_per_step * self.group_size

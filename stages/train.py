@@ -42,6 +42,7 @@ def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) 
     relevant = {k: asdict(getattr(params, k)) for k in ("model", "self_reward", "generation", "verifier", "train")}
     relevant["train"].pop("steps")  # training longer continues the same run
     relevant["train"].pop("checkpoint_every")
+    relevant["train"].pop("keep_checkpoints")
     digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config)], sort_keys=True).encode())
     digest.update(train_data.read_bytes())
     return digest.hexdigest()
@@ -57,6 +58,19 @@ def prepare_checkpoint_dir(ckpt_dir: Path, steps_log: Path, expected: str) -> bo
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"fingerprint": expected})
     return False
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoint tags (``step<N>`` directories); returns the deleted tags.
+
+    DeepSpeed's ``latest`` names the newest tag, which is always kept, so a crash mid-delete cannot break resume.
+    """
+    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
+                  key=lambda p: int(p.name[4:]))
+    old = tags[:-keep]
+    for tag in old:
+        shutil.rmtree(tag)
+    return [tag.name for tag in old]
 
 
 def truncate_log(steps_log: Path, last_step: int) -> None:
@@ -163,6 +177,8 @@ def train(params: Params) -> None:
                             mse=_fmt(record["self_reward_mse"]))
         if step % params.train.checkpoint_every == 0 or step == params.train.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+            if rank == 0:  # older tags only: other ranks may still be finishing their shards of this one
+                prune_checkpoints(ckpt_dir, params.train.keep_checkpoints)
     export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank)
     if rank == 0:
         write_curves(steps_log, paths.train_curves)  # also when a resumed run had no step left to run

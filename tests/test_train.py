@@ -143,6 +143,16 @@ def test_lr_schedule():
     assert [factor(i) for i in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
 
 
+def test_prune_checkpoints_keeps_the_newest_tags(tmp_path):
+    from stages.train import prune_checkpoints
+
+    for tag in ("step2", "step4", "step10", "step9", "stepx"):
+        (tmp_path / tag).mkdir()
+    (tmp_path / "latest").write_text("step10")
+    assert prune_checkpoints(tmp_path, keep=2) == ["step2", "step4"]  # numeric order: step10 is the newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step10", "step9", "stepx"]
+
+
 def test_deepspeed_config_geometry_clipping_and_precision():
     train = TrainParams(prompts_per_step=4, group_size=4, mini_batch_size=16, micro_batch_size=4, grad_clip=None)
     config = ds.deepspeed_config(train, "auto", world_size=2)
@@ -203,6 +213,8 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
     exported = uninterrupted / "models" / "trained"
     assert (exported / "model.safetensors").exists() and (exported / "laser.json").exists()
     assert json.loads((exported / "laser.json").read_text())["c_ref"] == C_REF
+    kept = [p.name for p in (uninterrupted / "checkpoints" / "train").glob("step*")]
+    assert kept and len(kept) <= TrainParams().keep_checkpoints and "step6" in kept  # older ones were pruned
 
     proc = subprocess.Popen(cmd, cwd=train_workdir, env=_stage_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
