@@ -254,7 +254,7 @@ def test_main_writes_all_outputs_atomically(tmp_path, monkeypatch, repo_cache, c
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(SystemExit) as exit_info:
         main([])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 3  # laser.cli.PERMANENT_EXIT: the flow does not retry it
     assert "missing.jsonl" in capsys.readouterr().err
 
 
