@@ -8,7 +8,7 @@ Reads ``paths.train_data``, the base model and ``paths.ref_constant`` (z_c and c
 ``paths.trained_model`` (safetensors + tokenizer + laser.json), ``paths.train_steps`` (one JSON line per step),
 ``paths.train_curves`` (the step log as CSV, for DVC plots), ``paths.train_metrics`` and checkpoints under
 ``paths.checkpoints`` (every ``train.checkpoint_every`` steps).
-A re-run resumes from the latest checkpoint if it was made with the same params and data (a fingerprint is kept
+A re-run resumes from the latest checkpoint if it was made with the same params, data and code (a fingerprint is kept
 beside the checkpoints); otherwise it starts over.
 """
 
@@ -18,6 +18,7 @@ import csv
 import hashlib
 import json
 import shutil
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -37,14 +38,28 @@ from laser.trainer import LaserTrainer, SelfRewardTokens, append_jsonl, run_step
 FINGERPRINT = "fingerprint.json"
 
 
+def code_digest() -> str:
+    """Hash of the loaded ``laser`` and ``stages`` sources: DVC reruns train when its code changed, and then a
+    checkpoint made by the old code must not be resumed (a crash-and-retry runs the same code and resumes)."""
+    files = sorted({Path(module.__file__) for name, module in list(sys.modules.items())
+                    if name.split(".")[0] in ("laser", "stages") and getattr(module, "__file__", None)})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.parent.name}/{path.name}".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) -> str:
-    """What a checkpoint must share with this run to be resumed: the training params, the data, z_c, c_ref."""
+    """What a checkpoint must share with this run to be resumed: the training params, the data, z_c, c_ref and
+    the code."""
     relevant = {k: asdict(getattr(params, k)) for k in ("model", "self_reward", "generation", "verifier", "train")}
     relevant["train"].pop("steps")  # training longer continues the same run
     relevant["train"].pop("checkpoint_every")
     relevant["train"].pop("keep_checkpoints")
     digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config)], sort_keys=True).encode())
     digest.update(train_data.read_bytes())
+    digest.update(code_digest().encode())
     return digest.hexdigest()
 
 

@@ -143,6 +143,22 @@ def test_lr_schedule():
     assert [factor(i) for i in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
 
 
+def test_code_digest_follows_the_loaded_sources(tmp_path, monkeypatch):
+    import types
+
+    from stages.train import code_digest
+
+    source = tmp_path / "probe.py"
+    source.write_text("x = 1\n")
+    before = code_digest()
+    probe = types.ModuleType("laser._digest_probe")
+    probe.__file__ = str(source)
+    monkeypatch.setitem(sys.modules, "laser._digest_probe", probe)
+    with_probe = code_digest()
+    source.write_text("x = 2\n")
+    assert len({before, with_probe, code_digest()}) == 3  # a new module and an edited one both change it
+
+
 def test_prune_checkpoints_keeps_the_newest_tags(tmp_path):
     from stages.train import prune_checkpoints
 
