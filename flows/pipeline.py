@@ -63,14 +63,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
 
-from laser.cli import BAD_PARAMS_EXIT, PERMANENT_EXIT
-from laser.config import Params, ParamsError, apply_profile, load_params
+def _reexec_under_env_sh() -> None:
+    """Re-run this command under scripts/env.sh, so Prefect's database, DVC's site cache, HF downloads stay in .cache.
+
+    Called before Prefect is imported: importing it already creates ``~/.prefect`` when PREFECT_HOME is unset.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if "LASER_CACHE" not in os.environ and (root / "scripts" / "env.sh").is_file():
+        os.execvp("bash", ["bash", "-c", 'source "$0/scripts/env.sh" && exec "$1" -m flows.pipeline "${@:2}"',
+                           str(root), sys.executable, *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    _reexec_under_env_sh()
+
+import networkx as nx  # noqa: E402  (after the re-exec above, which must precede the Prefect import)
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.context import TaskRunContext  # noqa: E402
+
+from laser.cli import BAD_PARAMS_EXIT, PERMANENT_EXIT  # noqa: E402
+from laser.config import Params, ParamsError, apply_profile, load_params  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS_ARTIFACT = "laser-metrics"
@@ -493,8 +508,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "LASER_CACHE" not in os.environ and (REPO_ROOT / "scripts" / "env.sh").is_file():
-        # Re-run under scripts/env.sh so Prefect's database, DVC's site cache, HF downloads stay in .cache.
-        os.execvp("bash", ["bash", "-c", 'source "$0/scripts/env.sh" && exec "$1" -m flows.pipeline "${@:2}"',
-                           str(REPO_ROOT), sys.executable, *sys.argv[1:]])
     sys.exit(main())

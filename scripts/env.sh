@@ -2,6 +2,7 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export LASER_CACHE="$ROOT/.cache"
 export PREFECT_HOME="$LASER_CACHE/prefect"
+mkdir -p "$PREFECT_HOME"  # Prefect creates its home without parents: a fresh clone has no .cache yet
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_LOGGING_LEVEL="${PREFECT_LOGGING_LEVEL:-WARNING}"
 export TORCH_EXTENSIONS_DIR="$LASER_CACHE/torch_extensions"  # DeepSpeed's CPU ops: built once (50-70 s)
