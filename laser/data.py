@@ -202,14 +202,19 @@ def _operand(rng: random.Random, source: SourceParams) -> int:
     return rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10**digits - 1)
 
 
-def _draw_problem(rng: random.Random, source: SourceParams, operators: list[str], word: bool) -> tuple[str, int]:
-    while True:  # a non-negative answer exists for every shape; a few draws find one
+def _draw_problem(rng: random.Random, source: SourceParams, operators: list[str], word: bool,
+                  tries: int = 100) -> tuple[str, int] | None:
+    """A problem of this shape with a non-negative answer, or None when ``tries`` draws found none (some shapes
+    have none: ten one-digit subtractions). One operation always succeeds at once."""
+    for _ in range(tries):
         values = [_operand(rng, source) for _ in range(len(operators) + 1)]
         if len(operators) == 1 and operators[0] == "-" and values[0] < values[1]:
             values.reverse()
         answer = evaluate_expression(values, operators)
         if answer >= 0:
             break
+    else:
+        return None
     if word:
         template = rng.choice(_WORD_TEMPLATES[operators[0]])
         text = template.format(name=rng.choice(_NAMES), obj=rng.choice(_OBJECTS), a=values[0], b=values[1])
@@ -225,15 +230,19 @@ def synthetic_problem(rng: random.Random, source: SourceParams, avoid: set[str] 
 
     The shape (number of operations, operators, word problem or not) is drawn first, then up to ``tries`` draws of
     numbers and wording look for a text not in ``avoid``; if the shape has none left, the last draw is returned.
+    A shape with no non-negative answer is drawn again (one operation always has one, so this ends).
     """
-    count = rng.randint(1, source.max_operations)
-    operators = [rng.choice(source.operators) for _ in range(count)]
-    word = count == 1 and rng.random() < source.word_fraction
-    for _ in range(tries):
-        text, answer = _draw_problem(rng, source, operators, word)
-        if text not in avoid:
+    draw = None
+    while draw is None:
+        count = rng.randint(1, source.max_operations)
+        operators = [rng.choice(source.operators) for _ in range(count)]
+        word = count == 1 and rng.random() < source.word_fraction
+        draw = _draw_problem(rng, source, operators, word)
+    for _ in range(tries - 1):
+        if draw[0] not in avoid:
             break
-    return text, answer
+        draw = _draw_problem(rng, source, operators, word) or draw
+    return draw
 
 
 def generate_synthetic(source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:

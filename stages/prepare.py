@@ -190,6 +190,8 @@ def _build_set(set_name: str, source: SourceParams, params: PrepareParams, token
         if batch is None:
             break
         builder.admit(batch, source, params, tokenizer)
+        if source.kind == "synthetic" and sum(builder.reasons.values()) > params.max_reject_fraction * target + _BATCH:
+            break  # an endless source whose rows keep failing (every prompt too long, say) would never fill the set
     return PreparedSet(set_name, builder.rows, builder.stats(source, target), builder.rejects)
 
 

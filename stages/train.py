@@ -41,8 +41,12 @@ FINGERPRINT = "fingerprint.json"
 def code_digest() -> str:
     """Hash of the loaded ``laser`` and ``stages`` sources: DVC reruns train when its code changed, and then a
     checkpoint made by the old code must not be resumed (a crash-and-retry runs the same code and resumes)."""
-    files = sorted({Path(module.__file__) for name, module in list(sys.modules.items())
-                    if name.split(".")[0] in ("laser", "stages") and getattr(module, "__file__", None)})
+    source_dirs = {Path(__file__).resolve().parents[1] / name for name in ("laser", "stages")}
+    files = sorted({Path(module.__file__).resolve() for name, module in list(sys.modules.items())
+                    if getattr(module, "__file__", None)
+                    # by path as well as by name: under ``python -m stages.train`` this file is ``__main__``
+                    and (name.split(".")[0] in ("laser", "stages")
+                         or Path(module.__file__).resolve().parent in source_dirs)})
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.parent.name}/{path.name}".encode())
@@ -54,7 +58,8 @@ def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) 
     """What a checkpoint must share with this run to be resumed: the training params, the data, z_c, c_ref and
     the code."""
     relevant = {k: asdict(getattr(params, k)) for k in ("model", "self_reward", "generation", "verifier", "train")}
-    relevant["train"].pop("steps")  # training longer continues the same run
+    if params.train.lr_schedule == "constant":
+        relevant["train"].pop("steps")  # training longer continues the same run; a decaying LR's length is `steps`
     relevant["train"].pop("checkpoint_every")
     relevant["train"].pop("keep_checkpoints")
     digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config)], sort_keys=True).encode())

@@ -15,7 +15,7 @@ import yaml
 
 from laser.config import FewShotTurn, PathsParams, PrepareParams, SourceParams
 from laser.data import SourceError, clean_answer, evaluate_expression, generate_synthetic, gsm8k_final_answer
-from stages.prepare import prepare, schema, write_outputs
+from stages.prepare import _BATCH, prepare, schema, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,14 @@ def test_synthetic_problems_are_exact_distinct_and_seeded():
         assert evaluate_expression(values, ops) == int(row.answer)
         assert 1 <= len(ops) <= 3 and all(1 <= len(str(v)) <= 3 for v in values)
     assert 0 < words < 300
+
+
+def test_synthetic_shapes_without_a_non_negative_answer_are_redrawn():
+    """Ten one-digit subtractions are always negative (9 - 10*1 < 0): such shapes are drawn again, never hang."""
+    source = SourceParams(kind="synthetic", min_digits=1, max_digits=1, max_operations=10, operators=("-",))
+    rows = [r for _, r in zip(range(50), generate_synthetic(source, "t"))]
+    assert len(rows) == 50 and all(int(r.answer) >= 0 for r in rows)
+    assert max(r.problem.count(" - ") for r in rows) > 1  # longer feasible shapes still appear
 
 
 def test_default_synthetic_mix_is_easy_arithmetic(tiny_tokenizer):
@@ -204,6 +212,14 @@ def test_prompt_too_long_and_limit(tmp_path, tiny_tokenizer):
     assert [r["answer"] for r in data.train.rows] == ["0", "1", "2"]
     assert data.stats["sets"]["train"]["rejected_by_reason"] == {"prompt_too_long": 1}
     assert data.stats["sets"]["train"]["rows_read"] == 4  # rows after the limit are not read
+
+
+def test_synthetic_source_whose_every_prompt_is_too_long_stops_and_fails(tiny_tokenizer):
+    """An endless source stops once its rejects exceed what the limit allows, instead of reading forever."""
+    data = prepare(small(max_prompt_tokens=5), tiny_tokenizer)
+    train = data.stats["sets"]["train"]
+    assert train["rows"] == 0 and train["rejected_by_reason"]["prompt_too_long"] <= 0.05 * 200 + 2 * _BATCH
+    assert data.errors and "no usable rows" in data.errors[0]
 
 
 def test_parquet_source_with_int_answers(tmp_path, tiny_tokenizer):

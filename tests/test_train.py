@@ -159,6 +159,23 @@ def test_code_digest_follows_the_loaded_sources(tmp_path, monkeypatch):
     assert len({before, with_probe, code_digest()}) == 3  # a new module and an edited one both change it
 
 
+def test_code_digest_counts_this_stage_when_it_runs_as_main(monkeypatch):
+    """``python -m stages.train`` (as dvc.yaml runs it) loads this file as ``__main__``, not ``stages.train``."""
+    import types
+
+    import stages.train
+    from stages.train import code_digest
+
+    imported = code_digest()
+    as_main = types.ModuleType("__main__")
+    as_main.__file__ = stages.train.__file__
+    monkeypatch.delitem(sys.modules, "stages.train")
+    monkeypatch.setitem(sys.modules, "__main__", as_main)
+    assert code_digest() == imported
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # e.g. an interactive session
+    assert code_digest() != imported
+
+
 def test_prune_checkpoints_keeps_the_newest_tags(tmp_path):
     from stages.train import prune_checkpoints
 
