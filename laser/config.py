@@ -10,10 +10,11 @@ writes the merged result back to ``params.yaml`` (as ``dvc exp run -S`` does), s
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
@@ -39,7 +40,6 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 class PathsParams:
     """Every artifact path of the pipeline; dvc.yaml refers to these with ``${paths.*}``."""
 
-    data_dir: str = "data"
     train_data: str = "data/train.parquet"
     eval_data_dir: str = "data/eval"
     data_stats: str = "data/stats.json"
@@ -55,7 +55,16 @@ class PathsParams:
     eval_metrics: str = "eval/metrics.json"
     eval_plots: str = "eval/plots"
     eval_report: str = "eval/report.md"
-    cache_dir: str = ".cache"
+    cache_dir: str = ".cache"  # may be absolute (a cache shared between checkouts); it is not a DVC output
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _require(bool(value.strip()), f"paths.{f.name}", value, "a non-empty path")
+            if f.name != "cache_dir":  # DVC outputs: inside the project
+                path = PurePath(value)
+                _require(not path.is_absolute() and ".." not in path.parts, f"paths.{f.name}", value,
+                         "a path relative to the project root, without '..' (the stages' outputs stay inside it)")
 
 
 @dataclass(frozen=True)
@@ -257,6 +266,11 @@ class TrainParams:
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an int >= 0")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        if self.offload_optimizer:  # DeepSpeed refuses a torch optimizer for an offloaded (CPU-resident) state
+            _require(self.optimizer == "cpu_adam", "train.optimizer", self.optimizer,
+                     "cpu_adam when train.offload_optimizer is true")
+            _require(self.zero_stage >= 1, "train.zero_stage", self.zero_stage,
+                     "1, 2 or 3 when train.offload_optimizer is true (offloading is a ZeRO feature)")
 
 
 @dataclass(frozen=True)
@@ -340,7 +354,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         _require(isinstance(value, dict), key, value, f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}")
         return build(tp, value, key)
     if tp is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+                 value, "a finite number")
         return float(value)
     if tp is int:
         _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")

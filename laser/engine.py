@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from laser.cli import StageError
 from laser.config import TrainParams
 from laser.models import resolve_dtype
 
@@ -81,6 +82,9 @@ def lr_lambda(train: TrainParams):
 def build_optimizer(model: torch.nn.Module, train: TrainParams):
     params = [p for p in model.parameters() if p.requires_grad]
     if train.optimizer == "cpu_adam":
+        if not train.offload_optimizer and torch.cuda.is_available():  # DeepSpeed puts the model on the GPU
+            raise StageError("train.optimizer cpu_adam keeps its state on the CPU: with the model on a GPU set "
+                             "train.offload_optimizer: true, or use train.optimizer: adamw")
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-built once into TORCH_EXTENSIONS_DIR (~60 s)
 
         return DeepSpeedCPUAdam(params, lr=train.lr, weight_decay=train.weight_decay, adamw_mode=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +37,9 @@ class ModelError(RuntimeError):
     """A model cannot be resolved or loaded; the message says which and what to do."""
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name: dots are allowed (Qwen2.5-Math-7B)
+
+
 def resolve_model_dir(name: str, cache_dir: str | Path) -> Path:
     """A local HF directory (safetensors + tokenizer) for the model ``name``; builds built-ins once."""
     models_cache = Path(cache_dir) / "models"
@@ -48,7 +52,7 @@ def resolve_model_dir(name: str, cache_dir: str | Path) -> Path:
         if not any(local.glob("*.safetensors")):
             raise ModelError(f"model dir {local} has no *.safetensors file (only safetensors are loaded)")
         return local
-    if local.suffix or name.startswith((".", "/")) or name.count("/") != 1:
+    if not HUB_ID.fullmatch(name):
         raise ModelError(f"model {name!r}: not a directory, not a built-in ({', '.join(BUILTIN_MODELS)}) "
                          "and not a hub id of the form 'org/name'")
     return _download_hub_model(name, models_cache)

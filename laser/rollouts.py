@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from laser.cli import StageError
 from laser.io import atomic_path, atomic_write_json
 from laser.score import self_reward_score, two_token_score
 
@@ -76,11 +77,11 @@ def read_self_reward_config(path: str | Path) -> SelfRewardConfig:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: self-reward config not found (run the ref_constant or train stage)") from None
+        raise StageError(f"{path}: self-reward config not found (run the ref_constant or train stage)") from None
     keys = [f for f in SelfRewardConfig.__dataclass_fields__]
     missing = [k for k in keys[:4] if k not in data]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing} (a laser.json needs {keys[:4]})")
+        raise StageError(f"{path}: missing keys {missing} (a laser.json needs {keys[:4]})")
     return SelfRewardConfig(**{k: data[k] for k in keys if k in data})
 
 

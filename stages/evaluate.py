@@ -31,7 +31,7 @@ import numpy as np
 
 from laser import metrics as M
 from laser.answers import EquivalenceFn, cluster_answers, math_verify_equivalent, normalize_answer, verifier_equivalent
-from laser.cli import stage_main
+from laser.cli import StageError, stage_main
 from laser.config import EvaluateParams, Params
 from laser.report import HEADLINE_KEYS, EvalResult, hist_rows, reliability_rows, scaling_rows, write_outputs
 
@@ -81,7 +81,7 @@ def _columns(table: Any, where: str) -> dict[str, list]:
         raise TypeError(f"{where}: expected a pyarrow.Table or pandas.DataFrame, got {type(table).__name__}")
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise ValueError(f"{where}: rollout table lacks column(s) {missing}; has {names}")
+        raise StageError(f"{where}: rollout table lacks column(s) {missing}; has {names}")
     wanted = [*REQUIRED_COLUMNS, *(c for c in ("finish_reason", "verify_status") if c in names)]
     return {name: get(name) for name in wanted}
 
@@ -96,7 +96,7 @@ def _sorted_samples(cols: dict[str, list], rows: list[int], pid: str, where: str
     seen = [cols["sample_idx"][r] for r in rows]
     if len(set(seen)) != len(seen):
         dup = sorted({s for s in seen if seen.count(s) > 1})
-        raise ValueError(f"{where}: problem {pid!r} has duplicate sample_idx {dup}")
+        raise StageError(f"{where}: problem {pid!r} has duplicate sample_idx {dup}")
     return rows
 
 
@@ -398,7 +398,7 @@ def read_rollouts(rollouts_dir: str | Path) -> dict[str, dict[str, Any]]:
             else:
                 log.warning("%s has no .parquet files; model %r skipped", model_dir, model_dir.name)
     if not out:
-        raise FileNotFoundError(f"no rollout files found: expected {root}/<model>/<eval_set>.parquet")
+        raise StageError(f"no rollout files found: expected {root}/<model>/<eval_set>.parquet")
     return out
 
 

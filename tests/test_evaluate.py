@@ -12,6 +12,7 @@ import pytest
 
 from laser import answers as A
 from laser import report as R
+from laser.cli import StageError
 from laser.config import EvaluateParams
 from stages import evaluate as E
 
@@ -191,7 +192,7 @@ def test_evaluate_edge_cases_are_defined(case, problems):
 def test_duplicate_samples_are_rejected():
     table = rollout_table({"p": [("1", 1, 0.5), ("1", 1, 0.5)]})
     table = table.set_column(1, "sample_idx", pa.array([0, 0], pa.int64()))
-    with pytest.raises(ValueError, match="duplicate sample_idx"):
+    with pytest.raises(StageError, match="duplicate sample_idx"):
         E.evaluate({"base": {"s": table}}, EvaluateParams(), equivalent=no_math_verify)
 
 

@@ -113,6 +113,11 @@ def test_smollm2_builtin_probe_logprobs_equal_full_forward(repo_cache):
 def test_hub_id_offline_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match=r"could not be downloaded.*built-in"):
         resolve_model_dir("some-org/some-model-that-does-not-exist", tmp_path)
+    with pytest.raises(ModelError, match=r"could not be downloaded"):  # a dotted name is a hub id (Qwen2.5-Math-7B)
+        resolve_model_dir("some-org/no-such-model-2.5-Math-7B", tmp_path)
+    for not_hub in ("/abs/missing", "a/b/c", "no-slash"):
+        with pytest.raises(ModelError, match="not a directory, not a built-in"):
+            resolve_model_dir(not_hub, tmp_path)
 
 
 def test_model_cache_write_is_atomic_under_a_race(tmp_path):

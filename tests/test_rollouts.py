@@ -8,6 +8,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
+from laser.cli import StageError
 from laser.generation import Completion
 from laser.rollouts import (
     ROLLOUT_SCHEMA,
@@ -38,9 +39,9 @@ def test_laser_json_round_trip_and_scores(tmp_path):
 
 def test_laser_json_missing_key_is_named(tmp_path):
     (tmp_path / "laser.json").write_text(json.dumps({"self_reward_token": "<z>", "c_ref": -1.0}))
-    with pytest.raises(ValueError, match="self_reward_token_id"):
+    with pytest.raises(StageError, match="self_reward_token_id"):
         read_self_reward_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="ref_constant"):
+    with pytest.raises(StageError, match="ref_constant"):
         read_self_reward_config(tmp_path / "nope")
 
 
