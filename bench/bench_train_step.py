@@ -54,7 +54,8 @@ def fixed_rollout(trainer: LaserTrainer, length: int) -> Rollout:
     eos = trainer.tokenizer.eos_token_id
     responses = [[*torch.randint(100, vocab - 100, (length - 1,), generator=g).tolist(), eos] for _ in range(16)]
     rewards = torch.tensor([float(i % 2) for i in range(16)])
-    return Rollout(prompts, responses, torch.ones(16, dtype=torch.bool), rewards, torch.zeros(16), {})
+    return Rollout(prompts, responses, torch.ones(16, dtype=torch.bool), rewards, torch.zeros(16), {},
+                   torch.ones(16, dtype=torch.bool))
 
 
 def step_seconds(trainer: LaserTrainer, rollout: Rollout, laser_on: bool) -> float:

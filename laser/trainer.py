@@ -6,7 +6,9 @@ Per step s (1-based):
      pass also returns log π_old(z_c | x, y, EOS) (laser.generation), from a sequence that really ends in EOS.
   2. Verifier rewards r_v; GRPO advantages A_v; after w_r + w_sr steps A_v is integrated with A_s from the
      rollout-time scores r_s = β_v(log π_old(z_c|…) − c_ref) (the official code reads them from a pass
-     without z_c — not copied).
+     without z_c — not copied). A sample the verifier could not judge (timeout/error) is no verdict: its group
+     gets advantage 0 and it stays out of the self-reward loss (counted as verify_timeouts/verify_errors and
+     unjudged_group_frac in the step log), rather than being scored 0.
   3. Per mini-batch: one forward over [prompt | response | z_c] per micro-batch yields the response log-probs
      and log π_θ(z_c|…) together; loss = GRPO + α·L_SR (after w_r steps; α·L_SR never in the GRPO-only mode).
      Normalisers (tokens, N_c, N_i) are global over the mini-batch and all ranks, so accumulation and data
@@ -34,7 +36,7 @@ from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft
 from laser.metrics import self_verification
 from laser.rollouts import SelfRewardConfig
 from laser.schedule import Phase, warmup_phase
-from laser.verify import summarize, verify_batch
+from laser.verify import UNJUDGED, summarize, verify_batch
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Rollout:
     rewards: torch.Tensor  # (N,) float
     old_scores: torch.Tensor  # (N,) r_s under π_old (0 where truncated)
     verdict_counts: dict
+    judged: torch.Tensor  # (N,) bool: the verifier gave a verdict (False: it timed out or failed on that sample)
 
 
 def prompt_indices(step: int, prompts_per_step: int, num_problems: int, seed: int) -> list[int]:
@@ -103,6 +106,7 @@ class LaserTrainer:
             rewards=torch.tensor([float(v.reward) for v in verdicts]),
             old_scores=torch.tensor([self._score(c.probe_logprobs) for c in completions]),
             verdict_counts=summarize(verdicts),
+            judged=torch.tensor([v.status not in UNJUDGED for v in verdicts]),
         )
 
     def _score(self, probe_logprobs: list[float] | None) -> float:
@@ -112,21 +116,30 @@ class LaserTrainer:
     # ---------------------------------------------------------------------------------------------- advantages
 
     def advantages(self, rollout: Rollout, phase: Phase) -> tuple[torch.Tensor, dict]:
+        """Â per sample; a group with an unjudged sample (verifier timeout/error) gets 0: its reward 0 would be a
+        guess, and the group's mean and std with it."""
         k = self.train.group_size
-        a_v, metrics = grpo_advantages(rollout.rewards, k, self.train.adv_eps, self.train.scale_adv_by_std)
-        if not (phase.advantage_integration and self.params.self_reward.enabled):
-            return a_v, metrics
-        a_s, score_std = self_reward_advantages(rollout.old_scores, rollout.finished, k, self.train.adv_eps,
-                                                self.train.scale_adv_by_std)
-        sr = self.params.self_reward
-        advantages, mix = integrate_advantages(a_v, a_s, score_std, sr.tau, sr.std_threshold)
-        return advantages, {**metrics, **mix}
+        advantages, metrics = grpo_advantages(rollout.rewards, k, self.train.adv_eps, self.train.scale_adv_by_std)
+        if phase.advantage_integration and self.params.self_reward.enabled:
+            a_s, score_std = self_reward_advantages(rollout.old_scores, rollout.finished, k, self.train.adv_eps,
+                                                    self.train.scale_adv_by_std)
+            sr = self.params.self_reward
+            advantages, mix = integrate_advantages(advantages, a_s, score_std, sr.tau, sr.std_threshold)
+            metrics.update(mix)
+        judged_groups = rollout.judged.view(-1, k).all(dim=1)
+        advantages = torch.where(judged_groups.repeat_interleave(k), advantages, torch.zeros_like(advantages))
+        metrics["unjudged_group_frac"] = float((~judged_groups).float().mean())
+        return advantages, metrics
 
     # ------------------------------------------------------------------------------------------------ training
 
+    def policy_batch(self, rollout: Rollout) -> PolicyBatch:
+        """z_c goes after the EOS of finished, judged samples: the self-reward loss needs a slot and a known label."""
+        return collate(rollout.prompts, rollout.responses, (rollout.finished & rollout.judged).tolist(),
+                       self.tokens.z_c_id, self.tokenizer.pad_token_id)
+
     def train_on(self, rollout: Rollout, advantages: torch.Tensor, phase: Phase) -> dict:
-        batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), self.tokens.z_c_id,
-                        self.tokenizer.pad_token_id)
+        batch = self.policy_batch(rollout)
         old_logprobs = self._old_logprobs(batch)
         per_rank = self.train.mini_batch_size // self.world_size
         metrics: list[dict] = []
@@ -261,7 +274,7 @@ def gather_rollouts(rollout: Rollout, world_size: int) -> Rollout:
             counts[key] = counts.get(key, 0) + value
     return Rollout([x for p in parts for x in p.prompts], [x for p in parts for x in p.responses],
                    torch.cat([p.finished for p in parts]), torch.cat([p.rewards for p in parts]),
-                   torch.cat([p.old_scores for p in parts]), counts)
+                   torch.cat([p.old_scores for p in parts]), counts, torch.cat([p.judged for p in parts]))
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ from typing import Literal
 
 Status = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
 STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+UNJUDGED: frozenset[str] = frozenset({"timeout", "error"})  # no verdict: reward 0 would be a guess, not a judgement
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy on a busy 2-core machine can take a while

@@ -68,11 +68,18 @@ def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) 
     return digest.hexdigest()
 
 
-def prepare_checkpoint_dir(ckpt_dir: Path, steps_log: Path, expected: str) -> bool:
-    """True when ``ckpt_dir`` holds checkpoints of this very run; else clear it (and the step log)."""
+def prepare_checkpoint_dir(ckpt_dir: Path, steps_log: Path, expected: str, steps: int) -> bool:
+    """True when ``ckpt_dir`` holds a checkpoint of this very run at step <= ``steps``; else clear it (and the
+    step log). A checkpoint past ``steps`` (the run was made shorter) cannot give this run's model."""
     marker = ckpt_dir / FINGERPRINT
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == expected:
-        return (ckpt_dir / "latest").exists()
+        latest = ckpt_dir / "latest"
+        if not latest.exists():
+            return False
+        if int(latest.read_text().strip().removeprefix("step")) <= steps:
+            return True
+        print(f"{ckpt_dir}: the latest checkpoint ({latest.read_text().strip()}) is past train.steps={steps}; "
+              "starting over")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     steps_log.unlink(missing_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +177,7 @@ def train(params: Params) -> None:
     start = 0
     if rank == 0:
         resumable = prepare_checkpoint_dir(ckpt_dir, steps_log, fingerprint(params, Path(paths.train_data),
-                                                                              ref_config))
+                                                                              ref_config), t.steps)
     if world_size > 1:
         torch.distributed.barrier()
     if (ckpt_dir / "latest").exists() and (rank != 0 or resumable):

@@ -92,7 +92,8 @@ def _fixed_rollout(trainer) -> Rollout:
     texts = ["The answer is \\boxed{7}.", "I am not sure, maybe a dog."]
     responses = [trainer.tokenizer(texts[i % 2], add_special_tokens=False)["input_ids"] + [eos] for i in range(n)]
     rewards = torch.tensor([float(i % 2 == 0) for i in range(n)])  # both classes in every group
-    return Rollout(prompts, responses, torch.ones(n, dtype=torch.bool), rewards, torch.zeros(n), {})
+    return Rollout(prompts, responses, torch.ones(n, dtype=torch.bool), rewards, torch.zeros(n), {},
+                   torch.ones(n, dtype=torch.bool))
 
 
 def _z_c_logprobs(trainer, rollout) -> torch.Tensor:
@@ -134,6 +135,21 @@ def test_grpo_only_and_laser_differ_by_alpha_mse(make_trainer, repo_cache):
     grpo_loss, _ = trainer._micro_loss(batch, rollout.rewards, advantages, None, Phase(True, True), counts)
     assert metrics["self_reward_mse"] > 0
     assert laser_loss.item() - grpo_loss.item() == pytest.approx(0.1 * metrics["self_reward_mse"], rel=1e-6)
+
+
+def test_an_unjudged_sample_zeroes_its_group_and_leaves_the_self_reward_loss(make_trainer):
+    """A verifier timeout/error is no verdict: its reward 0 must not drive the policy or teach the score."""
+    trainer = make_trainer()
+    rollout = _fixed_rollout(trainer)
+    k = trainer.train.group_size
+    judged_all, _ = trainer.advantages(rollout, Phase(True, True))
+    assert judged_all[:k].abs().sum() > 0
+    rollout.judged[1] = False
+    advantages, metrics = trainer.advantages(rollout, Phase(True, True))
+    assert torch.equal(advantages[:k], torch.zeros(k)) and torch.equal(advantages[k:], judged_all[k:])
+    assert metrics["unjudged_group_frac"] == 0.25
+    has_slot = trainer.policy_batch(rollout).has_slot
+    assert not has_slot[1] and has_slot[[0, *range(2, len(has_slot))]].all()
 
 
 def test_lr_schedule():
@@ -293,3 +309,19 @@ def test_two_processes(train_workdir, launcher):
     # metrics cover both ranks' samples: 2 prompts x 4 samples, each rank generating one group
     assert all(0 <= r["reward_mean"] <= 1 for r in steps.values())
     assert (train_workdir / "models" / "trained" / "model.safetensors").exists()
+
+
+def test_checkpoint_dir_resumes_only_the_same_run_up_to_its_steps(tmp_path):
+    from stages.train import prepare_checkpoint_dir
+
+    ckpt, log = tmp_path / "ckpt", tmp_path / "steps.jsonl"
+    assert prepare_checkpoint_dir(ckpt, log, "run-a", steps=8) is False  # nothing yet: marks the dir as run-a's
+    (ckpt / "latest").write_text("step4")
+    log.write_text("{}\n")
+    assert prepare_checkpoint_dir(ckpt, log, "run-a", steps=8) is True  # same run, longer: resume
+    assert prepare_checkpoint_dir(ckpt, log, "run-a", steps=4) is True
+    assert prepare_checkpoint_dir(ckpt, log, "run-a", steps=3) is False  # made shorter: the checkpoint is past it
+    assert not (ckpt / "latest").exists() and not log.exists()
+    (ckpt / "latest").write_text("step2")
+    assert prepare_checkpoint_dir(ckpt, log, "run-b", steps=8) is False  # other params, data or code: start over
+    assert not (ckpt / "latest").exists()
