@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,9 +77,11 @@ def math_verify_equivalent(pairs: Sequence[tuple[str, str]]) -> list[bool]:
     return out
 
 
-def verifier_equivalent(timeout_s: float, num_workers: int = 2) -> EquivalenceFn:
+def verifier_equivalent(timeout_s: float, num_workers: int = 2, unjudged: Counter | None = None) -> EquivalenceFn:
     """An equivalence function backed by :func:`laser.verify.verify_batch` (process pool, hard timeouts):
-    b is equivalent to a when ``\\boxed{b}`` verifies "correct" against gold a. Timeouts and errors: False."""
+    b is equivalent to a when ``\\boxed{b}`` verifies "correct" against gold a. A pair it cannot judge (a
+    timeout, an error, an answer over ``MAX_VERIFY_CHARS``) counts as not equivalent and is counted in
+    ``unjudged`` by reason."""
 
     def equivalent(pairs: Sequence[tuple[str, str]]) -> list[bool]:
         if not pairs:
@@ -91,6 +94,9 @@ def verifier_equivalent(timeout_s: float, num_workers: int = 2) -> EquivalenceFn
         out = [False] * len(pairs)
         for i, verdict in zip(keep, verdicts):
             out[i] = verdict.status == "correct"
+        if unjudged is not None:
+            unjudged["too_long"] += len(pairs) - len(keep)
+            unjudged.update(v.status for v in verdicts if v.status in ("timeout", "error"))
         return out
 
     return equivalent

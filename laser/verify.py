@@ -439,6 +439,8 @@ class VerifierPool:
         while queue or any(w.pending for w in self._workers):
             self._feed_idle(queue, keys, chunk_size, timeout_s)
             busy = [w for w in self._workers if w.pending]
+            if not busy:  # every idle worker died on send and was replaced: feed the replacements
+                continue
             wait([w.inbox for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for worker in busy:  # a dead worker's pipe reads EOF, so wait() returned for it too
                 died = self._drain(worker, results, timeout_s)

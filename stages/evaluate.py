@@ -355,7 +355,7 @@ def evaluate(rollouts: dict[str, dict[str, Any]], params: EvaluateParams,
         models.<model>.headline.<eval_set | overall>: {K, avg@K, pass@K, maj@K, weighted_maj@K, best_of@K,
           sv_acc_correct, sv_acc_incorrect, sv_f1, sv_auroc, sv_ece, spearman_score_length}
         comparison (only with both base and trained): <eval_set | overall>.<headline key>: {base, trained, delta}
-        equivalence: {pairs_checked}
+        equivalence: {pairs_checked, pairs_unjudged {timeout, error, too_long} (the stage adds it)}
 
     Conventions: k runs over 1, 2, 4, … up to the smallest sample count of a problem (plus that count when it is
     not a power of two); a problem's vote/best-of response is its earliest member (see laser.metrics); "all"
@@ -406,8 +406,13 @@ def run(params: Params, _args: Any = None) -> None:
     """Read the rollouts, evaluate them with the verifier pool as the equivalence check, write every output."""
     rollouts = read_rollouts(params.paths.rollouts_dir)
     log.info("evaluating %s", {m: sorted(s) for m, s in rollouts.items()})
-    equivalent = verifier_equivalent(params.verifier.timeout_s, params.verifier.num_workers)
+    unjudged: Counter[str] = Counter()
+    equivalent = verifier_equivalent(params.verifier.timeout_s, params.verifier.num_workers, unjudged)
     result = evaluate(rollouts, params.evaluate, equivalent=equivalent)
+    result.metrics["equivalence"]["pairs_unjudged"] = {k: unjudged[k] for k in ("timeout", "error", "too_long")}
+    if sum(unjudged.values()):
+        result.notes.append(f"answer equivalence: {sum(unjudged.values())} pair(s) could not be judged "
+                            f"({dict(unjudged)}) and count as different answers in voting")
     write_outputs(result, params.paths, params.evaluate.threshold)
     for model, mm in result.metrics["models"].items():
         log.info("%s overall: %s", model, mm["headline"]["overall"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -98,6 +99,13 @@ def test_math_verify_equivalent():
         True, False, True, False]
     assert A.math_verify_equivalent([("1" * 400, "1" * 400)]) == [False]  # too long: not sent to sympy
     assert A.math_verify_equivalent([]) == []
+
+
+def test_verifier_equivalent_counts_the_pairs_it_cannot_judge():
+    unjudged = collections.Counter()
+    equivalent = A.verifier_equivalent(timeout_s=5.0, num_workers=1, unjudged=unjudged)
+    assert equivalent([("\\frac{1}{2}", "0.5"), ("1" * 400, "1" * 400), ("2", "3")]) == [True, False, False]
+    assert unjudged == {"too_long": 1}  # counted, not silently "different"
 
 
 # ------------------------------------------------------------------------------------------------- evaluate()
@@ -218,6 +226,7 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     metrics = json.loads(Path("out/eval/metrics.json").read_text())
     assert set(metrics) == {"settings", "models", "equivalence", "comparison"}
     assert metrics["settings"]["ece_bins"] == 5
+    assert metrics["equivalence"]["pairs_unjudged"] == {"timeout": 0, "error": 0, "too_long": 0}
     assert set(metrics["models"]) == {"base", "trained"}
     trained = metrics["models"]["trained"]
     assert set(trained) == {"eval_sets", "overall", "headline"}
