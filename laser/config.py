@@ -145,6 +145,8 @@ class SourceParams:
         if self.limit is not None:
             _require(self.limit > 0, f"{key}.limit", self.limit, "null or an int > 0")
         if self.kind == "synthetic":
+            _require(self.limit is None, f"{key}.limit", self.limit,
+                     "null for a synthetic source (its size is num_problems)")
             _require(self.num_problems > 0, f"{key}.num_problems", self.num_problems, "an int > 0")
             _require(1 <= self.min_digits <= self.max_digits <= 9, f"{key}.max_digits", self.max_digits,
                      "1 <= min_digits <= max_digits <= 9")

@@ -126,8 +126,13 @@ def read_jsonl(path: str | Path, source: SourceParams, id_prefix: str) -> Iterat
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"jsonl file not found: {path}")
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for number, text in enumerate(lines, start=1):
+    with path.open("rb") as lines:  # decoded line by line: one bad byte rejects its line, not the file
+        for number, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield Reject(number, "invalid_utf8", str(err))
+                continue
             if not text.strip():
                 continue  # blank lines are not rows
             try:

@@ -21,15 +21,16 @@ def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp-"
+    umask = os.umask(0)
+    os.umask(umask)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; artifacts get the usual permissions
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)
         tmp = Path(name)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; artifacts get the usual permissions
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600
     try:
         yield tmp
         if is_dir:

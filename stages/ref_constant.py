@@ -29,6 +29,11 @@ from laser.runtime import base_model_dir, load_generator, sampling
 def candidate_tokens(tokenizer, token: str, incorrect_token: str | None = None) -> list[str]:
     """``[token]``, or for ``auto`` every unused special token except z_i (the SFT ablation's incorrect token)."""
     if token != "auto":
+        reserved = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token} - {None}
+        if token in reserved or token == incorrect_token:
+            raise StageError(f"self_reward.token {token!r} is the tokenizer's EOS/BOS/PAD/UNK token or "
+                             "self_reward.incorrect_token: z_c must be a token the model never otherwise emits "
+                             "there; name an unused special token, or use 'auto'")
         return [token]
     candidates = [t for t in z_c_candidates(tokenizer) if t != incorrect_token]
     if not candidates:

@@ -59,6 +59,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ({"train": {"prompts_per_step": 3, "group_size": 4, "mini_batch_size": 8}},
          ["train.mini_batch_size", "8", "divisor of prompts_per_step * group_size = 12"]),
         ({"train": {"adv_eps": 0}}, ["train.adv_eps", "a number > 0"]),
+        ({"prepare": {"train": {"kind": "synthetic", "limit": 10}}}, ["prepare.train.limit", "num_problems"]),
         ({"train": {"grad_clip": 0}}, ["train.grad_clip", "null for no clipping"]),
         ({"train": {"weight_decay": -0.1}}, ["train.weight_decay", "a number >= 0"]),
         ({"train": {"warmup_steps": -1}}, ["train.warmup_steps", "an int >= 0"]),

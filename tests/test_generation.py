@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from laser.batch import collate, policy_forward
+from laser.cli import StageError
 from laser.generation import HFGenerator, Sampling, full_forward_probe_logprobs, left_pad, sample_next_token
 from laser.models import ModelError, load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
 
@@ -97,6 +98,9 @@ def test_token_lookup(tiny_model_dir):
     assert "<|z_i|>" in candidates  # ...but `auto` never picks the SFT ablation's incorrect token as z_c:
     assert candidate_tokens(tokenizer, "auto", "<|z_i|>") == [t for t in candidates if t != "<|z_i|>"]
     assert candidate_tokens(tokenizer, "<|z_c|>", "<|z_i|>") == ["<|z_c|>"]
+    for taken in (tokenizer.eos_token, "<|z_i|>"):  # a named z_c may not be EOS (or PAD, ...) nor z_i
+        with pytest.raises(StageError, match="z_c must be a token"):
+            candidate_tokens(tokenizer, taken, "<|z_i|>")
 
 
 @pytest.mark.slow

@@ -189,13 +189,24 @@ def test_jsonl_field_mapping_rejects_and_duplicates(tmp_path, tiny_tokenizer):
     assert all(r["file"] == str(train) and r["set"] == "train" for r in data.rejects)
 
 
-def test_reject_limit_fails_but_writes_stats_and_rejects(tmp_path, tiny_tokenizer):
+def test_invalid_utf8_rejects_its_line_only(tmp_path, tiny_tokenizer):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b'{"problem": "What is 1+1?", "answer": "2"}\n'
+                      b'{"problem": "caf\xe9 costs?", "answer": "3"}\n'  # latin-1, not UTF-8
+                      b'{"problem": "What is 2+2?", "answer": "4"}\n')
+    data = prepare(small(train=SourceParams(kind="jsonl", path=str(train)), max_reject_fraction=0.5), tiny_tokenizer)
+    assert [r["answer"] for r in data.train.rows] == ["2", "4"]
+    assert [(r["line"], r["reason"]) for r in data.train.rejects] == [(2, "invalid_utf8")]
+
+
+def test_reject_limit_fails_but_writes_stats_and_rejects(tmp_path, tiny_tokenizer, monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", ["{bad", {"problem": "ok?", "answer": "1"}])
     params = small(train=SourceParams(kind="jsonl", path=str(train)), max_reject_fraction=0.2)
     data = prepare(params, tiny_tokenizer)
     assert data.errors and "train" in data.errors[0] and "invalid_json" in data.errors[0]
-    paths = PathsParams(train_data=str(tmp_path / "out/train.parquet"), eval_data_dir=str(tmp_path / "out/eval"),
-                        data_stats=str(tmp_path / "out/stats.json"), data_rejects=str(tmp_path / "out/rejects.jsonl"))
+    monkeypatch.chdir(tmp_path)  # output paths are relative to the project root
+    paths = PathsParams(train_data="out/train.parquet", eval_data_dir="out/eval", data_stats="out/stats.json",
+                        data_rejects="out/rejects.jsonl")
     write_outputs(data, paths)
     assert not Path(paths.train_data).exists()
     assert json.loads(Path(paths.data_stats).read_text())["ok"] is False
