@@ -1,7 +1,10 @@
-"""Glue the stages share: the base model's directory and a generator built from params."""
+"""Glue the stages share: the base model's directory, a generator built from params, the digests that decide
+whether a stage's partial work (checkpoints, finished rollouts) may be resumed."""
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
 
 from laser.config import Params
@@ -27,3 +30,30 @@ def load_generator(params: Params, model_dir: str | Path):
 def sampling(params: Params, seed: int) -> Sampling:
     g = params.generation
     return Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=seed)
+
+
+def code_digest() -> str:
+    """Hash of the loaded ``laser`` and ``stages`` sources: DVC reruns a stage when its code changed, and then the
+    partial work of the old code (a checkpoint, finished rollouts) must not be resumed; a crash-and-retry runs the
+    same code and resumes."""
+    source_dirs = {Path(__file__).resolve().parents[1] / name for name in ("laser", "stages")}
+    files = sorted({Path(module.__file__).resolve() for name, module in list(sys.modules.items())
+                    if getattr(module, "__file__", None)
+                    # by path as well as by name: under ``python -m stages.X`` the stage is ``__main__``
+                    and (name.split(".")[0] in ("laser", "stages")
+                         or Path(module.__file__).resolve().parent in source_dirs)})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.parent.name}/{path.name}".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def files_digest(paths: list[Path]) -> str:
+    """Hash of files' names, sizes and modification times (not their bytes: a model is gigabytes). Every artifact
+    here is written by rename, so a rewritten file has a new mtime."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

@@ -6,10 +6,18 @@ Reads ``{paths.eval_data_dir}/<eval>.parquet`` for each eval set of ``prepare.ev
 model (self-reward config from ``paths.ref_constant``) or ``paths.trained_model`` (its ``laser.json``). Writes
 ``{paths.rollouts_dir}/<model>/<eval>.parquet`` in the rollout schema (laser/rollouts.py), the whole directory
 atomically. The z_c log-prob comes from the generation pass itself (laser/generation.py): no second forward.
+
+A retried run resumes: each finished eval set waits in ``{paths.cache_dir}/rollout-work/<model>/`` under a name
+that digests everything it depends on (params, z_c and c_ref, the eval data, the model files, the code), and an
+attempt reuses the sets an earlier one finished. They are removed once the output directory is in place.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from laser.cli import stage_main
@@ -23,7 +31,7 @@ from laser.rollouts import (
     tokenize_prompts,
     write_rollouts,
 )
-from laser.runtime import base_model_dir, load_generator, sampling
+from laser.runtime import base_model_dir, code_digest, files_digest, load_generator, sampling
 from laser.verify import summarize, verify_batch
 
 
@@ -45,16 +53,37 @@ def model_source(params: Params, model: str) -> tuple[Path, SelfRewardConfig]:
     return base_model_dir(params), read_self_reward_config(params.paths.ref_constant)
 
 
+def work_file(params: Params, model: str, model_dir: Path, config: SelfRewardConfig, eval_set: str) -> Path:
+    """Where one eval set's finished rollouts wait for the rest, named by a digest of all they depend on."""
+    relevant = {k: asdict(getattr(params, k)) for k in ("model", "self_reward", "generation", "verifier", "rollout")}
+    digest = hashlib.sha256(json.dumps([relevant, asdict(config), eval_set], sort_keys=True).encode())
+    digest.update((Path(params.paths.eval_data_dir) / f"{eval_set}.parquet").read_bytes())
+    digest.update(files_digest([p for p in model_dir.iterdir() if p.is_file()]).encode())
+    digest.update(code_digest().encode())
+    return Path(params.paths.cache_dir) / "rollout-work" / model / f"{eval_set}-{digest.hexdigest()[:20]}.parquet"
+
+
 def run(params: Params, args) -> None:
     model_dir, config = model_source(params, args.model)
-    tokenizer, _model, generator = load_generator(params, model_dir)
+    finished = {eval_set: work_file(params, args.model, model_dir, config, eval_set)
+                for eval_set in params.prepare.eval_sets}
+    generator = tokenizer = None
+    for eval_set, work in finished.items():
+        if work.exists():
+            print(f"{args.model}/{eval_set}: reused, finished by an earlier attempt ({work})")
+            continue
+        if generator is None:  # a retry whose sets are all finished loads no model
+            tokenizer, _model, generator = load_generator(params, model_dir)
+        problems = read_problems(Path(params.paths.eval_data_dir) / f"{eval_set}.parquet")
+        rows, counts = rollout_eval_set(params, generator, tokenizer, config, problems, eval_set)
+        write_rollouts(work, rows)
+        print(f"{args.model}/{eval_set}: {len(rows)} samples, accuracy {counts['accuracy']:.3f}, "
+              f"statuses {({k: v for k, v in counts.items() if k not in ('total', 'accuracy')})}")
     with atomic_path(Path(params.paths.rollouts_dir) / args.model, is_dir=True) as out_dir:
-        for eval_set in params.prepare.eval_sets:
-            problems = read_problems(Path(params.paths.eval_data_dir) / f"{eval_set}.parquet")
-            rows, counts = rollout_eval_set(params, generator, tokenizer, config, problems, eval_set)
-            write_rollouts(out_dir / f"{eval_set}.parquet", rows)
-            print(f"{args.model}/{eval_set}: {len(rows)} samples, accuracy {counts['accuracy']:.3f}, "
-                  f"statuses {({k: v for k, v in counts.items() if k not in ('total', 'accuracy')})}")
+        for eval_set, work in finished.items():
+            shutil.copyfile(work, out_dir / f"{eval_set}.parquet")
+    for work in finished.values():
+        work.unlink()
 
 
 def _arguments(parser) -> None:

@@ -18,7 +18,6 @@ import csv
 import hashlib
 import json
 import shutil
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,26 +31,10 @@ from laser.engine import gathered_for_generation
 from laser.io import atomic_path, atomic_write_json, atomic_write_text
 from laser.models import load_model, load_tokenizer, token_id
 from laser.rollouts import SelfRewardConfig, read_problems, read_self_reward_config, write_self_reward_config
-from laser.runtime import base_model_dir
+from laser.runtime import base_model_dir, code_digest
 from laser.trainer import LaserTrainer, SelfRewardTokens, append_jsonl, run_step
 
 FINGERPRINT = "fingerprint.json"
-
-
-def code_digest() -> str:
-    """Hash of the loaded ``laser`` and ``stages`` sources: DVC reruns train when its code changed, and then a
-    checkpoint made by the old code must not be resumed (a crash-and-retry runs the same code and resumes)."""
-    source_dirs = {Path(__file__).resolve().parents[1] / name for name in ("laser", "stages")}
-    files = sorted({Path(module.__file__).resolve() for name, module in list(sys.modules.items())
-                    if getattr(module, "__file__", None)
-                    # by path as well as by name: under ``python -m stages.train`` this file is ``__main__``
-                    and (name.split(".")[0] in ("laser", "stages")
-                         or Path(module.__file__).resolve().parent in source_dirs)})
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.parent.name}/{path.name}".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) -> str:

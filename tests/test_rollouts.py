@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -60,3 +61,40 @@ def test_rollout_rows_follow_the_schema(tmp_path):
     assert first["score"] == pytest.approx(0.3) and first["num_tokens"] == 3 and first["reward"] == 1
     assert second["z_c_logprob"] is None and second["score"] is None and second["finish_reason"] == "length"
     assert second["verify_status"] == "no_answer" and second["pred_answer"] is None
+
+
+def test_rollout_stage_resumes_the_eval_sets_an_earlier_attempt_finished(tmp_path, monkeypatch, repo_cache,
+                                                                          tiny_tokenizer, capsys):
+    import yaml
+
+    from stages import prepare as prepare_stage
+    from stages import rollout as rollout_stage
+
+    monkeypatch.chdir(tmp_path)
+    synthetic = {"kind": "synthetic", "num_problems": 3, "split": "test"}
+    Path("params.yaml").write_text(yaml.safe_dump({
+        "paths": {"cache_dir": str(tmp_path / "cache")}, "model": {"name": str(repo_cache / "models" / "tiny-random")},
+        "prepare": {"train": {"kind": "synthetic", "num_problems": 20},
+                    "eval_sets": {"a": {**synthetic, "seed": 1}, "b": {**synthetic, "seed": 2}}},
+        "generation": {"max_new_tokens": 12}, "rollout": {"samples_per_problem": 2}}))
+    prepare_stage.main([])
+    z_c = "<|z_c|>"
+    Path("ref").mkdir()
+    Path("ref/ref_constant.json").write_text(json.dumps({
+        "self_reward_token": z_c, "self_reward_token_id": tiny_tokenizer.convert_tokens_to_ids(z_c), "c_ref": -11.5,
+        "beta_v": 0.1}))
+    good_b = Path("data/eval/b.parquet").read_bytes()
+    Path("data/eval/b.parquet").write_bytes(b"not parquet")  # set a finishes, then set b fails
+    with pytest.raises(ValueError, match=r"(?i)parquet"):  # pyarrow's ArrowInvalid: an unexpected failure, retried
+        rollout_stage.main(["--model", "base"])
+    assert not Path("rollouts/base").exists()  # no half-written output
+    assert len(list((tmp_path / "cache" / "rollout-work" / "base").glob("a-*.parquet"))) == 1
+
+    Path("data/eval/b.parquet").write_bytes(good_b)
+    capsys.readouterr()
+    rollout_stage.main(["--model", "base"])
+    out = capsys.readouterr().out
+    assert "base/a: reused" in out and "base/b: 6 samples" in out
+    assert sorted(p.name for p in Path("rollouts/base").iterdir()) == ["a.parquet", "b.parquet"]
+    assert pq.read_table("rollouts/base/a.parquet").num_rows == 6
+    assert not list((tmp_path / "cache" / "rollout-work" / "base").iterdir())  # the finished sets are removed

@@ -162,7 +162,7 @@ def test_lr_schedule():
 def test_code_digest_follows_the_loaded_sources(tmp_path, monkeypatch):
     import types
 
-    from stages.train import code_digest
+    from laser.runtime import code_digest
 
     source = tmp_path / "probe.py"
     source.write_text("x = 1\n")
@@ -180,7 +180,7 @@ def test_code_digest_counts_this_stage_when_it_runs_as_main(monkeypatch):
     import types
 
     import stages.train
-    from stages.train import code_digest
+    from laser.runtime import code_digest
 
     imported = code_digest()
     as_main = types.ModuleType("__main__")
