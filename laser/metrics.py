@@ -263,8 +263,11 @@ def classification_metrics(scores: Any, correct: Any, threshold: float = 0.5) ->
 
 
 def rankdata(values: Any) -> np.ndarray:
-    """1-based ranks of a 1-D array, ties given their average rank (as scipy.stats.rankdata 'average')."""
+    """1-based ranks of a 1-D array, ties given their average rank (as scipy.stats.rankdata 'average').
+    NaN has no rank: it raises (np.unique would sort it last, silently ranking a missing value highest)."""
     x = to_numpy(values, float).ravel()
+    if np.isnan(x).any():
+        raise ValueError(f"rankdata: {int(np.isnan(x).sum())} NaN value(s); fill or drop missing scores first")
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts).astype(float)
     return ((ends - counts + 1 + ends) / 2.0)[inverse.ravel()]

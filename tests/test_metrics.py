@@ -260,6 +260,8 @@ def test_auroc_hand_value_ties_and_reference():
 
 def test_rankdata_average_ties():
     assert M.rankdata([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    with pytest.raises(ValueError, match="NaN"):
+        M.auroc([0.2, float("nan"), 0.9], [False, True, True])
 
 
 def test_ece_and_bins_hand_values():
