@@ -1,11 +1,13 @@
 """Atomic file output: every artifact is written to a temp file beside its target, then renamed into place.
 
-A crash (or a kill) mid-write leaves the previous artifact, or none, never a half-written one.
+A crash (or a kill) mid-write leaves the previous artifact, or none, never a half-written one. A killed writer's
+temp file (named with its PID) is swept by the next write of the same target once that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -15,12 +17,40 @@ from pathlib import Path
 from typing import Any
 
 
+def temp_prefix(target: Path) -> str:
+    """The name prefix of ``target``'s temp files: hidden, and carrying this process's PID for the sweep."""
+    return f".{target.name}.tmp-{os.getpid()}-"
+
+
+def sweep_stale_temps(target: Path) -> list[Path]:
+    """Remove temp files/dirs of ``target`` left by writers that are no longer running (a SIGKILL or OOM skips
+    their cleanup; a model copy is gigabytes). A live writer's are kept: it may be racing us. Returns those removed."""
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*-*"):
+        pid = path.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it over ``target``, on error remove it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.tmp-"
+    sweep_stale_temps(target)
+    prefix = temp_prefix(target)
     umask = os.umask(0)
     os.umask(umask)
     if is_dir:

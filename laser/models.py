@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from laser.io import sweep_stale_temps, temp_prefix
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
 BUILTIN_MODELS = (SMOLLM2, TINY_RANDOM)
@@ -64,7 +66,8 @@ def _cached(target: Path, build) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     try:
         build(tmp)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,30 @@ def test_permissions_follow_the_umask_not_the_temp_file_defaults(tmp_path):
         os.umask(old)
     assert _mode(tmp_path / "f.txt") == 0o644  # mkstemp alone gives 0600
     assert _mode(tmp_path / "d") == 0o755  # mkdtemp alone gives 0700
+
+
+def test_a_killed_writers_temp_is_swept_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "model"
+    script = ("import sys, time; from pathlib import Path; from laser.io import atomic_path\n"
+              "with atomic_path(Path(sys.argv[1]), is_dir=True) as tmp:\n"
+              "    (tmp / 'weights').write_bytes(b'x' * 1000); print(tmp, flush=True); time.sleep(60)\n")
+    root = Path(__file__).resolve().parents[1]
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(target)], cwd=root, stdout=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    killed, live = writers
+    temps = [Path(w.stdout.readline().strip()) for w in writers]
+    killed.kill()  # SIGKILL: its cleanup never runs
+    killed.wait()
+    try:
+        atomic_write_text(tmp_path / "other.txt", "x")  # another target's write leaves them alone
+        assert all(t.exists() for t in temps)
+        with atomic_path(target, is_dir=True) as tmp:
+            (tmp / "weights").write_text("new")
+        assert not temps[0].exists() and temps[1].exists()  # the live writer may still be racing us
+        assert (target / "weights").read_text() == "new"
+    finally:
+        live.kill()
+        live.wait()
