@@ -16,28 +16,43 @@ import torch
 from laser.score import clip_score
 
 
-def _group_stats(values: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group mean and unbiased std of values (B,) with B = G·K, returned broadcast back to (B,)."""
+def _group_stats(values: torch.Tensor, group_size: int, valid: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean and unbiased std of values (B,) with B = G·K, returned broadcast back to (B,).
+
+    valid: optional (B,) bool; only valid members enter their group's statistics (std 0 with fewer than two).
+    """
     if values.numel() % group_size:
         raise ValueError(f"batch of {values.numel()} is not a multiple of group_size={group_size}")
     groups = values.view(-1, group_size)
-    mean = groups.mean(dim=1, keepdim=True).expand_as(groups).reshape(-1)
-    std = groups.std(dim=1, unbiased=True, keepdim=True).expand_as(groups).reshape(-1)
-    return mean, std
+    if valid is None:
+        mean = groups.mean(dim=1, keepdim=True)
+        std = groups.std(dim=1, unbiased=True, keepdim=True)
+    else:
+        mask = valid.view(-1, group_size).to(values.dtype)
+        count = mask.sum(dim=1, keepdim=True)
+        mean = (groups * mask).sum(dim=1, keepdim=True) / count.clamp(min=1)
+        std = ((((groups - mean) * mask) ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    return mean.expand_as(groups).reshape(-1), std.expand_as(groups).reshape(-1)
 
 
 def grpo_advantages(
-    rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A_v = (r − mean_g) / (std_g + ε), or r − mean_g when ``scale_by_std`` is False (Dr. GRPO).
 
-    rewards: (B,) with B = G·K, group-contiguous. Returns (advantages (B,), metrics: zero_std_group_frac).
+    rewards: (B,) with B = G·K, group-contiguous. valid: optional (B,) bool, the samples the verifier judged; an
+    unjudged one (timeout/error) gets advantage 0 and stays out of its group's mean and std.
+    Returns (advantages (B,), metrics: zero_std_group_frac).
     """
     rewards = rewards.float()
-    mean, std = _group_stats(rewards, group_size)
+    mean, std = _group_stats(rewards, group_size, valid)
     advantages = rewards - mean
     if scale_by_std:
         advantages = advantages / (std + eps)
+    if valid is not None:
+        advantages = torch.where(valid.bool(), advantages, torch.zeros_like(advantages))
     zero_std = (std.view(-1, group_size)[:, 0] == 0).float().mean()
     return advantages, {"zero_std_group_frac": float(zero_std)}
 

@@ -6,9 +6,9 @@ Per step s (1-based):
      pass also returns log π_old(z_c | x, y, EOS) (laser.generation), from a sequence that really ends in EOS.
   2. Verifier rewards r_v; GRPO advantages A_v; after w_r + w_sr steps A_v is integrated with A_s from the
      rollout-time scores r_s = β_v(log π_old(z_c|…) − c_ref) (the official code reads them from a pass
-     without z_c — not copied). A sample the verifier could not judge (timeout/error) is no verdict: its group
-     gets advantage 0 and it stays out of the self-reward loss (counted as verify_timeouts/verify_errors and
-     unjudged_group_frac in the step log), rather than being scored 0.
+     without z_c — not copied). A sample the verifier could not judge (timeout/error) is no verdict: it gets
+     advantage 0, stays out of its group's statistics and of the self-reward loss (counted as
+     verify_timeouts/verify_errors and unjudged_frac in the step log), rather than being scored 0.
   3. Per mini-batch: one forward over [prompt | response | z_c] per micro-batch yields the response log-probs
      and log π_θ(z_c|…) together; loss = GRPO + α·L_SR (after w_r steps; α·L_SR never in the GRPO-only mode).
      Normalisers (tokens, N_c, N_i) are global over the mini-batch and all ranks, so accumulation and data
@@ -116,19 +116,19 @@ class LaserTrainer:
     # ---------------------------------------------------------------------------------------------- advantages
 
     def advantages(self, rollout: Rollout, phase: Phase) -> tuple[torch.Tensor, dict]:
-        """Â per sample; a group with an unjudged sample (verifier timeout/error) gets 0: its reward 0 would be a
-        guess, and the group's mean and std with it."""
+        """Â per sample. An unjudged sample (verifier timeout/error) gets 0 and stays out of its group's A_v
+        statistics: a reward of 0 for it would be a guess."""
         k = self.train.group_size
-        advantages, metrics = grpo_advantages(rollout.rewards, k, self.train.adv_eps, self.train.scale_adv_by_std)
+        advantages, metrics = grpo_advantages(rollout.rewards, k, self.train.adv_eps, self.train.scale_adv_by_std,
+                                              valid=rollout.judged)
         if phase.advantage_integration and self.params.self_reward.enabled:
             a_s, score_std = self_reward_advantages(rollout.old_scores, rollout.finished, k, self.train.adv_eps,
                                                     self.train.scale_adv_by_std)
             sr = self.params.self_reward
             advantages, mix = integrate_advantages(advantages, a_s, score_std, sr.tau, sr.std_threshold)
             metrics.update(mix)
-        judged_groups = rollout.judged.view(-1, k).all(dim=1)
-        advantages = torch.where(judged_groups.repeat_interleave(k), advantages, torch.zeros_like(advantages))
-        metrics["unjudged_group_frac"] = float((~judged_groups).float().mean())
+        advantages = torch.where(rollout.judged, advantages, torch.zeros_like(advantages))
+        metrics["unjudged_frac"] = float((~rollout.judged).float().mean())
         return advantages, metrics
 
     # ------------------------------------------------------------------------------------------------ training

@@ -179,6 +179,12 @@ class _SetBuilder:
         return stats
 
 
+def _hopeless(rejected: int, target: int, params: PrepareParams) -> bool:
+    """True once an endless source's rejects exceed the limit even if every later row were kept (or, with no
+    limit, exceed ten times the set): it stops instead of reading forever, and prepare() fails."""
+    return rejected > params.max_reject_fraction * (target + rejected) or rejected > 10 * target + _BATCH
+
+
 def _build_set(set_name: str, source: SourceParams, params: PrepareParams, tokenizer,
                exclude: dict[str, str] | None = None) -> PreparedSet:
     """Read ``source`` until the set is full; ``exclude`` maps normalised eval problems to their eval set."""
@@ -190,7 +196,7 @@ def _build_set(set_name: str, source: SourceParams, params: PrepareParams, token
         if batch is None:
             break
         builder.admit(batch, source, params, tokenizer)
-        if source.kind == "synthetic" and sum(builder.reasons.values()) > params.max_reject_fraction * target + _BATCH:
+        if source.kind == "synthetic" and _hopeless(sum(builder.reasons.values()), target, params):
             break  # an endless source whose rows keep failing (every prompt too long, say) would never fill the set
     return PreparedSet(set_name, builder.rows, builder.stats(source, target), builder.rejects)
 
@@ -216,6 +222,9 @@ def prepare(params: PrepareParams, tokenizer) -> PreparedData:
             errors.append(f"{prepared.name} ({s['source']}): {s['rejected']} of {s['rows_read']} rows rejected "
                           f"({s['reject_fraction']:.1%} > prepare.max_reject_fraction "
                           f"{params.max_reject_fraction:.1%}): {s['rejected_by_reason']}")
+        elif s["kind"] == "synthetic" and s.get("short_by"):  # a generator never runs out: it was stopped
+            errors.append(f"{prepared.name} ({s['source']}): stopped {s['short_by']} rows short after "
+                          f"{s['rejected']} rejected rows: {s['rejected_by_reason']}")
     totals: Counter[str] = Counter()
     for prepared in all_sets:
         totals.update(prepared.stats["rejected_by_reason"])

@@ -232,6 +232,35 @@ def test_grpo_advantages_hand_values():
     assert adv[:4].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
 
 
+def test_grpo_advantages_leave_unjudged_samples_out_hand_values():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    valid = torch.tensor([True, True, True, False, True, False, False, False])
+    adv, metrics = grpo_advantages(rewards, group_size=4, eps=0.0, valid=valid)
+    std = math.sqrt((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / math.sqrt(2)  # unbiased std of (1, 0, 0) = 0.577
+    assert adv[:4].tolist() == pytest.approx([(2 / 3) / std, -(1 / 3) / std, -(1 / 3) / std, 0.0])
+    assert metrics["zero_std_group_frac"] == 0.5
+    adv, _ = grpo_advantages(rewards, group_size=4, eps=1e-6, valid=valid)
+    assert adv[4:].tolist() == [0.0] * 4  # one judged member: nothing to compare it with
+    all_valid, _ = grpo_advantages(rewards, 4, valid=torch.ones(8, dtype=torch.bool))
+    assert torch.allclose(all_valid, grpo_advantages(rewards, 4)[0])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grpo_advantages_with_unjudged_samples_match_loop_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    k, groups = _random_size(g, 2, 8), _random_size(g, 2, 9)
+    rewards = (torch.rand(groups * k, generator=g) > 0.5).double()
+    valid = torch.rand(groups * k, generator=g) > 0.3
+    adv, _ = grpo_advantages(rewards, k, eps=1e-6, valid=valid)
+    ref = []
+    for g0 in range(0, len(rewards), k):
+        judged = [rewards[j].item() for j in range(g0, g0 + k) if valid[j]]
+        mean = sum(judged) / len(judged) if judged else 0.0
+        std = math.sqrt(sum((x - mean) ** 2 for x in judged) / (len(judged) - 1)) if len(judged) > 1 else 0.0
+        ref += [(rewards[j].item() - mean) / (std + 1e-6) if valid[j] else 0.0 for j in range(g0, g0 + k)]
+    assert adv.tolist() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
 def test_grpo_advantages_rejects_ragged_batch():
     with pytest.raises(ValueError, match="group_size=4"):
         grpo_advantages(torch.zeros(6), group_size=4)

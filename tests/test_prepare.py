@@ -14,7 +14,14 @@ import pytest
 import yaml
 
 from laser.config import FewShotTurn, PathsParams, PrepareParams, SourceParams
-from laser.data import SourceError, clean_answer, evaluate_expression, generate_synthetic, gsm8k_final_answer
+from laser.data import (
+    SourceError,
+    clean_answer,
+    evaluate_expression,
+    generate_synthetic,
+    gsm8k_final_answer,
+    render_prompt,
+)
 from stages.prepare import _BATCH, prepare, schema, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,8 +236,19 @@ def test_synthetic_source_whose_every_prompt_is_too_long_stops_and_fails(tiny_to
     """An endless source stops once its rejects exceed what the limit allows, instead of reading forever."""
     data = prepare(small(max_prompt_tokens=5), tiny_tokenizer)
     train = data.stats["sets"]["train"]
-    assert train["rows"] == 0 and train["rejected_by_reason"]["prompt_too_long"] <= 0.05 * 200 + 2 * _BATCH
+    assert train["rows"] == 0 and train["rejected_by_reason"]["prompt_too_long"] <= 2 * _BATCH
     assert data.errors and "no usable rows" in data.errors[0]
+
+
+def test_synthetic_source_with_too_many_rejects_stops_short_and_fails(tiny_tokenizer):
+    """Some rows fit, too many do not: the set stops once the limit cannot be met, and that is an error."""
+    source = SourceParams(kind="synthetic", num_problems=400, min_digits=1, max_digits=9)
+    budget = len(tiny_tokenizer(render_prompt("What is 5 + 5?", PrepareParams().instruction, PrepareParams().few_shot,
+                                              tiny_tokenizer, "chat")[1], add_special_tokens=False)["input_ids"])
+    data = prepare(small(train=source, max_prompt_tokens=budget + 4, max_reject_fraction=0.5), tiny_tokenizer)
+    train = data.stats["sets"]["train"]
+    assert 0 < train["rows"] < 400 and train["rejected"] > 0
+    assert any(e.startswith("train") for e in data.errors), data.errors
 
 
 def test_parquet_source_with_int_answers(tmp_path, tiny_tokenizer):

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from laser import engine as ds
+from laser.advantages import grpo_advantages
 from laser.batch import collate, policy_forward
 from laser.config import Params, TrainParams, build
 from laser.models import load_model, load_tokenizer, token_id
@@ -137,17 +138,19 @@ def test_grpo_only_and_laser_differ_by_alpha_mse(make_trainer, repo_cache):
     assert laser_loss.item() - grpo_loss.item() == pytest.approx(0.1 * metrics["self_reward_mse"], rel=1e-6)
 
 
-def test_an_unjudged_sample_zeroes_its_group_and_leaves_the_self_reward_loss(make_trainer):
+def test_an_unjudged_sample_gets_no_advantage_and_leaves_the_self_reward_loss(make_trainer):
     """A verifier timeout/error is no verdict: its reward 0 must not drive the policy or teach the score."""
     trainer = make_trainer()
-    rollout = _fixed_rollout(trainer)
+    rollout = _fixed_rollout(trainer)  # groups of 4 with rewards (1, 0, 1, 0)
     k = trainer.train.group_size
     judged_all, _ = trainer.advantages(rollout, Phase(True, True))
-    assert judged_all[:k].abs().sum() > 0
     rollout.judged[1] = False
     advantages, metrics = trainer.advantages(rollout, Phase(True, True))
-    assert torch.equal(advantages[:k], torch.zeros(k)) and torch.equal(advantages[k:], judged_all[k:])
-    assert metrics["unjudged_group_frac"] == 0.25
+    # group 0 is judged on (1, 1, 0): the unjudged sample has 0, the others their advantage among the three
+    expected = grpo_advantages(torch.tensor([1.0, 1.0, 0.0]), 3, trainer.train.adv_eps)[0]
+    assert advantages[[0, 2, 3]].tolist() == pytest.approx(expected.tolist()) and advantages[1] == 0
+    assert torch.equal(advantages[k:], judged_all[k:])
+    assert metrics["unjudged_frac"] == 1 / len(rollout.judged)
     has_slot = trainer.policy_batch(rollout).has_slot
     assert not has_slot[1] and has_slot[[0, *range(2, len(has_slot))]].all()
 
