@@ -63,7 +63,8 @@ class PathsParams:
             _require(bool(value.strip()), f"paths.{f.name}", value, "a non-empty path")
             if f.name != "cache_dir":  # DVC outputs: inside the project
                 path = PurePath(value)
-                _require(not path.is_absolute() and ".." not in path.parts, f"paths.{f.name}", value,
+                _require(bool(path.parts) and not path.is_absolute() and ".." not in path.parts, f"paths.{f.name}",
+                         value,
                          "a path relative to the project root, without '..' (the stages' outputs stay inside it)")
 
 
@@ -335,6 +336,13 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert lists/dicts to tuples/dataclasses."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -356,7 +364,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         _require(isinstance(value, dict), key, value, f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}")
         return build(tp, value, key)
     if tp is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value), key,
                  value, "a finite number")
         return float(value)
     if tp is int:

@@ -1,7 +1,8 @@
 """Atomic file output: every artifact is written to a temp file beside its target, then renamed into place.
 
 A crash (or a kill) mid-write leaves the previous artifact, or none, never a half-written one. A killed writer's
-temp file (named with its PID) is swept by the next write of the same target once that process is gone.
+temp file (named with its host and PID) is swept by the next write of the same target on that host once that
+process is gone; temps of other hosts (a cache on a shared filesystem) are left alone.
 """
 
 from __future__ import annotations
@@ -10,27 +11,37 @@ import contextlib
 import glob
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
-def temp_prefix(target: Path) -> str:
-    """The name prefix of ``target``'s temp files: hidden, and carrying this process's PID for the sweep."""
-    return f".{target.name}.tmp-{os.getpid()}-"
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def temp_prefix(target: Path, kind: str = "tmp") -> str:
+    """The name prefix of ``target``'s temp files (``kind`` tmp) or of the old copy being deleted (``old``):
+    hidden, carrying this host and PID for the sweep."""
+    return f".{target.name}.{kind}-{_host()}-{os.getpid()}-"
 
 
 def sweep_stale_temps(target: Path) -> list[Path]:
-    """Remove temp files/dirs of ``target`` left by writers that are no longer running (a SIGKILL or OOM skips
-    their cleanup; a model copy is gigabytes). A live writer's are kept: it may be racing us. Returns those removed."""
+    """Remove temp and old copies of ``target`` left by writers on this host that are no longer running (a
+    SIGKILL or OOM skips their cleanup; a model copy is gigabytes). A live writer's are kept: it may be racing
+    us. Returns those removed."""
     removed = []
-    for path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*-*"):
-        pid = path.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(path)
+    for kind in ("tmp", "old"):
+        mine = f".{target.name}.{kind}-{_host()}-"
+        for path in target.parent.glob(f"{glob.escape(mine)}*-*"):
+            pid = path.name[len(mine):].split("-", 1)[0]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
 
 
@@ -76,7 +87,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     # os.replace cannot replace a non-empty directory: move the old one aside first, then drop it.
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(temp_prefix(target, "old") + secrets.token_hex(4))
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:

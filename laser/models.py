@@ -88,7 +88,8 @@ def _download_hub_model(repo_id: str, models_cache: Path) -> Path:
                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
     except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
         raise ModelError(
-            f"model {repo_id!r} could not be downloaded from the Hugging Face hub ({type(err).__name__}). "
+            f"model {repo_id!r} is not a local directory ({Path(repo_id).resolve()} does not exist) and could not "
+            f"be downloaded from the Hugging Face hub ({type(err).__name__}). "
             "Offline? Set model.name to a local directory with safetensors, or to a built-in: "
             f"{', '.join(BUILTIN_MODELS)}") from None
     return Path(path)

@@ -83,7 +83,7 @@ def run(params: Params, args) -> None:
         for eval_set, work in finished.items():
             shutil.copyfile(work, out_dir / f"{eval_set}.parquet")
     for work in finished.values():
-        work.unlink()
+        work.unlink(missing_ok=True)  # a run sharing the cache may have finished the same set
 
 
 def _arguments(parser) -> None:

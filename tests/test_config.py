@@ -46,6 +46,8 @@ def test_empty_file_gives_defaults(tmp_path):
         ({"paths": {"eval_report": "/tmp/report.md"}}, ["paths.eval_report", "relative to the project root"]),
         ({"paths": {"rollouts_dir": "../rollouts"}}, ["paths.rollouts_dir", "without '..'"]),
         ({"paths": {"train_data": " "}}, ["paths.train_data", "a non-empty path"]),
+        ({"paths": {"rollouts_dir": "."}}, ["paths.rollouts_dir", "relative to the project root"]),
+        ({"train": {"lr": 10**400}}, ["train.lr", "a finite number"]),
         ({"train": {"steps": 2.5}}, ["train.steps", "2.5", "an integer"]),
         ({"train": {"stepz": 3}}, ["unknown key train.stepz", "allowed keys", "steps"]),
         ({"nonsense": 1}, ["unknown key nonsense"]),

@@ -52,6 +52,7 @@ def test_permissions_follow_the_umask_not_the_temp_file_defaults(tmp_path):
 
 
 def test_a_killed_writers_temp_is_swept_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    import socket
     import subprocess
     import sys
 
@@ -66,12 +67,18 @@ def test_a_killed_writers_temp_is_swept_by_the_next_write_and_a_live_ones_kept(t
     temps = [Path(w.stdout.readline().strip()) for w in writers]
     killed.kill()  # SIGKILL: its cleanup never runs
     killed.wait()
+    host = socket.gethostname().replace("-", "_")
+    old_copy = tmp_path / f".model.old-{host}-{killed.pid}-beef"  # killed while deleting the previous version
+    other_host = tmp_path / f".model.tmp-elsewhere-{killed.pid}-cafe"  # a shared cache: not ours to judge
+    old_copy.mkdir()
+    other_host.mkdir()
     try:
         atomic_write_text(tmp_path / "other.txt", "x")  # another target's write leaves them alone
         assert all(t.exists() for t in temps)
         with atomic_path(target, is_dir=True) as tmp:
             (tmp / "weights").write_text("new")
         assert not temps[0].exists() and temps[1].exists()  # the live writer may still be racing us
+        assert not old_copy.exists() and other_host.exists()
         assert (target / "weights").read_text() == "new"
     finally:
         live.kill()
