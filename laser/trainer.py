@@ -240,10 +240,12 @@ def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def rollout_metrics(rollout: Rollout, threshold: float = 0.5) -> dict:
-    """Batch-level numbers for the step log: rewards, lengths, self-verification of π_old's scores."""
+    """Batch-level numbers for the step log: rewards, lengths, self-verification of π_old's scores (over the
+    samples the verifier judged: an unjudged one has no label to check the score against)."""
     correct = rollout.rewards > 0.5
     scores = torch.where(rollout.finished, rollout.old_scores, torch.zeros_like(rollout.old_scores))
-    sv = self_verification(scores.numpy(), correct.numpy(), threshold)
+    judged = rollout.judged
+    sv = self_verification(scores[judged].numpy(), correct[judged].numpy(), threshold)
     lengths = torch.tensor([float(len(r)) for r in rollout.responses])
 
     def mean_or_none(values: torch.Tensor) -> float | None:
@@ -254,8 +256,8 @@ def rollout_metrics(rollout: Rollout, threshold: float = 0.5) -> dict:
         "finished_frac": float(rollout.finished.float().mean()),
         "response_length": float(lengths.mean()),
         "sv_acc_correct": sv["acc_correct"], "sv_acc_incorrect": sv["acc_incorrect"], "sv_f1": sv["f1"],
-        "score_mean_correct": mean_or_none(scores[correct & rollout.finished]),
-        "score_mean_incorrect": mean_or_none(scores[~correct & rollout.finished]),
+        "score_mean_correct": mean_or_none(scores[correct & rollout.finished & judged]),
+        "score_mean_incorrect": mean_or_none(scores[~correct & rollout.finished & judged]),
         "verify_timeouts": rollout.verdict_counts.get("timeout", 0),
         "verify_errors": rollout.verdict_counts.get("error", 0),
         "num_tokens_generated": int(lengths.sum()),

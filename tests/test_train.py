@@ -328,3 +328,15 @@ def test_checkpoint_dir_resumes_only_the_same_run_up_to_its_steps(tmp_path):
     (ckpt / "latest").write_text("step2")
     assert prepare_checkpoint_dir(ckpt, log, "run-b", steps=8) is False  # other params, data or code: start over
     assert not (ckpt / "latest").exists()
+
+
+def test_step_log_self_verification_counts_judged_samples_only():
+    from laser.trainer import rollout_metrics
+
+    rollout = Rollout([[1]] * 4, [[2, 3]] * 4, torch.ones(4, dtype=torch.bool), torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                      torch.tensor([0.9, 0.2, 0.3, 0.8]), {"timeout": 1}, torch.tensor([True, True, True, False]))
+    m = rollout_metrics(rollout)
+    assert (m["sv_acc_correct"], m["sv_acc_incorrect"]) == (0.5, 1.0)  # 0.8 on the unjudged one is not checked
+    assert m["sv_f1"] == pytest.approx(2 / 3)
+    assert m["score_mean_incorrect"] == pytest.approx(0.2) and m["score_mean_correct"] == pytest.approx(0.6)
+    assert m["verify_timeouts"] == 1 and m["reward_mean"] == 0.5
