@@ -86,7 +86,7 @@ def verifier_equivalent(timeout_s: float, num_workers: int = 2, unjudged: Counte
     def equivalent(pairs: Sequence[tuple[str, str]]) -> list[bool]:
         if not pairs:
             return []
-        from laser.verify import boxed, verify_batch
+        from laser.verify import UNJUDGED, boxed, verify_batch
 
         keep = [i for i, (a, b) in enumerate(pairs) if max(len(a), len(b)) <= MAX_VERIFY_CHARS]
         verdicts = verify_batch([boxed(pairs[i][1]) for i in keep], [pairs[i][0] for i in keep],
@@ -96,7 +96,7 @@ def verifier_equivalent(timeout_s: float, num_workers: int = 2, unjudged: Counte
             out[i] = verdict.status == "correct"
         if unjudged is not None:
             unjudged["too_long"] += len(pairs) - len(keep)
-            unjudged.update(v.status for v in verdicts if v.status in ("timeout", "error"))
+            unjudged.update(v.status for v in verdicts if v.status in UNJUDGED)
         return out
 
     return equivalent

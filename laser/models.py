@@ -251,9 +251,14 @@ def token_id(tokenizer, token: str) -> int:
     return int(ids[0])
 
 
+def reserved_tokens(tokenizer) -> set[str]:
+    """EOS/BOS/PAD/UNK: tokens with a role of their own, never z_c."""
+    return {tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token} - {None}
+
+
 def z_c_candidates(tokenizer) -> list[str]:
     """Special/added tokens that could serve as z_c: not EOS/BOS/PAD/UNK and not used by the chat template."""
-    reserved = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token}
+    reserved = reserved_tokens(tokenizer)
     template = tokenizer.chat_template or ""
     added = sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1])
     return [tok for tok, _ in added if tok not in reserved and tok not in template]

@@ -34,6 +34,7 @@ from laser.answers import EquivalenceFn, cluster_answers, math_verify_equivalent
 from laser.cli import StageError, stage_main
 from laser.config import EvaluateParams, Params
 from laser.report import HEADLINE_KEYS, EvalResult, hist_rows, reliability_rows, scaling_rows, write_outputs
+from laser.verify import UNJUDGED
 
 log = logging.getLogger("laser.stages.evaluate")
 
@@ -409,7 +410,7 @@ def run(params: Params, _args: Any = None) -> None:
     unjudged: Counter[str] = Counter()
     equivalent = verifier_equivalent(params.verifier.timeout_s, params.verifier.num_workers, unjudged)
     result = evaluate(rollouts, params.evaluate, equivalent=equivalent)
-    result.metrics["equivalence"]["pairs_unjudged"] = {k: unjudged[k] for k in ("timeout", "error", "too_long")}
+    result.metrics["equivalence"]["pairs_unjudged"] = {k: unjudged[k] for k in (*sorted(UNJUDGED), "too_long")}
     if sum(unjudged.values()):
         result.notes.append(f"answer equivalence: {sum(unjudged.values())} pair(s) could not be judged "
                             f"({dict(unjudged)}) and count as different answers in voting")

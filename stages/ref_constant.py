@@ -21,7 +21,7 @@ import statistics
 from laser.cli import StageError, stage_main
 from laser.config import Params
 from laser.io import atomic_write_json, atomic_write_text
-from laser.models import token_id, z_c_candidates
+from laser.models import reserved_tokens, token_id, z_c_candidates
 from laser.rollouts import read_problems, tokenize_prompts
 from laser.runtime import base_model_dir, load_generator, sampling
 
@@ -29,8 +29,7 @@ from laser.runtime import base_model_dir, load_generator, sampling
 def candidate_tokens(tokenizer, token: str, incorrect_token: str | None = None) -> list[str]:
     """``[token]``, or for ``auto`` every unused special token except z_i (the SFT ablation's incorrect token)."""
     if token != "auto":
-        reserved = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token} - {None}
-        if token in reserved or token == incorrect_token:
+        if token in reserved_tokens(tokenizer) or token == incorrect_token:
             raise StageError(f"self_reward.token {token!r} is the tokenizer's EOS/BOS/PAD/UNK token or "
                              "self_reward.incorrect_token: z_c must be a token the model never otherwise emits "
                              "there; name an unused special token, or use 'auto'")
