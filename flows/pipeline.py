@@ -23,10 +23,14 @@ Retries (params ``flow.*``): up to ``flow.retries`` more attempts, waiting ``flo
 flow.retry_backoff**i`` seconds before retry ``i+1``. A stage that rejects its params (its script exits 2 after
 printing a ``params: ...`` line on stderr, see ``laser.cli``) fails at once with that line, and so does one that
 says it cannot succeed as configured (exit 3 after an ``error: ...`` line: rejected data, a model or token not
-found, an impossible batch geometry); any other failure (killed by a signal, OOM, exit 137, a lost worker, an
-unexpected exception) may be transient and is retried. When a stage fails for good, the
+found, an impossible batch geometry, a path it may not write); any other failure (killed by a signal, OOM, exit
+137, a lost worker, an unexpected exception) may be transient and is retried. When a stage fails for good, the
 stages downstream of it are skipped, independent ones still run, and the flow fails naming every failed stage.
-Params are validated with ``laser.config.load_params`` before any stage starts.
+Params are validated with ``laser.config.load_params`` before any stage starts (on the command line before Prefect
+starts: bad params print their one line, no traceback).
+
+The command line ties Prefect's ephemeral API server to the flow process: killed, even by ``kill -9``, the flow
+takes the server with it (see ``_end_ephemeral_server_with_this_process``).
 
 Results are published as Prefect artifacts: ``laser-metrics`` (a table of every metric in every metrics file:
 ``dvc metrics show`` plus ``paths.data_stats``, ``paths.train_metrics``, ``paths.eval_metrics``) and
@@ -461,6 +465,66 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
             "metrics": {str(root / path): data for path, data in metrics.items()}}
 
 
+# ------------------------------------------------------------------------------------- the ephemeral API server
+
+# Runs Prefect's ephemeral API server (uvicorn) in place of `python -m uvicorn ...`, plus a thread that ends it once
+# the process that started it is gone: a `kill -9` of the flow skips Prefect's atexit stop, and the server used to
+# live on (re-parented to PID 1), one per killed flow.
+_SERVER_WATCHDOG = """\
+import os, runpy, signal, sys, threading, time
+parent = int(sys.argv[1])
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down on TERM
+    time.sleep(10)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True, name="laser-parent-watch").start()
+sys.argv = ["uvicorn", *sys.argv[2:]]
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+CLEANUP_HINT = "pkill -f 'prefect.server.api.server:create_app'"
+
+
+class _WatchedPopen(subprocess.Popen):
+    """``subprocess.Popen`` that starts ``python -m uvicorn ...`` under :data:`_SERVER_WATCHDOG`."""
+
+    def __init__(self, args, *rest, **kwargs):
+        if isinstance(args, list) and len(args) >= 3 and args[1:3] == ["-m", "uvicorn"]:
+            args = [args[0], "-c", _SERVER_WATCHDOG, str(os.getpid()), *args[3:]]
+        super().__init__(args, *rest, **kwargs)
+
+
+class _SubprocessWithWatchedServer:
+    """What Prefect's server module sees as ``subprocess``: the real module, with :class:`_WatchedPopen`."""
+
+    Popen = _WatchedPopen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def _end_ephemeral_server_with_this_process() -> bool:
+    """Make the ephemeral API server Prefect starts (no ``PREFECT_API_URL``) end when this process ends, however it
+    ends. Prefect imports its server module to start that server anyway; with a real server nothing is imported.
+    Returns whether the hook is in place (False, with a warning naming the cleanup, if Prefect changed)."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return False  # a real server: no ephemeral one is started
+    try:
+        import prefect.server.api.server as server
+    except ImportError:
+        server = None
+    if server is None or not hasattr(getattr(server, "subprocess", None), "Popen"):
+        print("warning: cannot tie Prefect's temporary API server to this flow; if the flow is killed, end the "
+              f"server with: {CLEANUP_HINT}", file=sys.stderr)
+        return False
+    if not isinstance(server.subprocess, _SubprocessWithWatchedServer):
+        server.subprocess = _SubprocessWithWatchedServer()
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
@@ -490,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
                                          "repo_root": args.repo_root})
         return 0
 
+    root = Path(args.repo_root).resolve()
+    try:  # bad params: the clear line alone, before Prefect starts (a failed flow run logs a long traceback)
+        load_params(_in_root(root, args.params_file),
+                    profile=resolve_profile(root, args.profile) if args.profile else None)
+    except ParamsError as err:
+        print(f"\nlaser-pipeline failed:\n{err}", file=sys.stderr)
+        return 2
+    _end_ephemeral_server_with_this_process()
     try:
         summary = laser_pipeline(profile=args.profile, force=args.force, params_file=args.params_file,
                                  repo_root=args.repo_root)

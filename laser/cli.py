@@ -3,7 +3,8 @@ to one clear line and an exit code the flow uses to decide on a retry:
 
 - 2 (``BAD_PARAMS_EXIT``): bad params, after a ``params: key = value is invalid; allowed: ...`` line;
 - 3 (``PERMANENT_EXIT``): the stage cannot succeed as configured (missing or rejected data, a model or token that
-  cannot be found, an impossible batch geometry, a verifier that cannot start): one ``error: ...`` line;
+  cannot be found, an impossible batch geometry, a verifier that cannot start, a path it may not write: permission
+  denied or a read-only filesystem): one ``error: ...`` line;
 - anything else (an unexpected exception exits 1 with its traceback, a signal, OOM): possibly transient.
 
 ``--local_rank`` is accepted and ignored: the ``deepspeed`` launcher appends it, and the rank is read from the
@@ -13,6 +14,7 @@ environment (``LOCAL_RANK``) as under ``torchrun``.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
@@ -29,11 +31,25 @@ class StageError(RuntimeError):
     """A stage cannot go on; the message says why and what to change."""
 
 
+_PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # retrying cannot make a path writable
+
+
+def permission_message(err: OSError) -> str | None:
+    """The one line for a permission or read-only-filesystem error (naming the path), None for other errors."""
+    if not isinstance(err, PermissionError) and err.errno not in _PERMANENT_ERRNOS:
+        return None
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    where = " -> ".join(paths) if paths else "(path not reported)"
+    return f"{err.strerror or 'permission denied'}: {where} (fix its permissions, or point paths.* elsewhere)"
+
+
 def stage_main(run: Callable[[Params, argparse.Namespace], None], description: str,
                argv: Sequence[str] | None = None,
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file (default: params.yaml); a missing section or key takes its default "
+                             "(laser/config.py), an unknown one is an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     if add_arguments:
         add_arguments(parser)
@@ -46,4 +62,10 @@ def stage_main(run: Callable[[Params, argparse.Namespace], None], description: s
         sys.exit(BAD_PARAMS_EXIT)
     except (StageError, SourceError, ModelError, VerifierError) as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(PERMANENT_EXIT)
+    except OSError as err:
+        message = permission_message(err)
+        if message is None:
+            raise  # may be transient (disk full, a network filesystem): the traceback, and the flow retries
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(PERMANENT_EXIT)

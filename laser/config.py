@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,16 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- sections
+
+
+# The project's own files, by top-level name: no output path may be, or lie inside, one of them (a stage replaces
+# its outputs: `paths.data_stats: params.yaml` would overwrite the params). A static list, not `git ls-files`:
+# DVC metrics with `cache: false` are often committed to git on purpose, and they are outputs.
+PROJECT_FILES = frozenset({
+    "laser", "stages", "flows", "tests", "scripts", "bench", "profiles", ".ci", ".dvc", ".git", ".venv",
+    "laser_pipeline.egg-info", "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "constraints.txt",
+    "README.md", "DEVELOPERS.md", ".gitignore", ".dvcignore",
+})
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,30 @@ class PathsParams:
                 _require(bool(path.parts) and not path.is_absolute() and ".." not in path.parts, f"paths.{f.name}",
                          value,
                          "a path relative to the project root, without '..' (the stages' outputs stay inside it)")
+                _require(path.parts[0] not in PROJECT_FILES, f"paths.{f.name}", value,
+                         "a path outside the project's own files (" + ", ".join(sorted(PROJECT_FILES)) + "): a stage "
+                         "replaces or deletes its outputs")
+        self._check_no_nesting()
+
+    def _check_no_nesting(self) -> None:
+        """No output may be, or lie inside, another (a stage would overwrite or delete the other's files); the
+        cache directory, when it is inside the project, is neither an output nor inside one."""
+        outputs = {f.name: PurePath(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        cache = outputs.pop("cache_dir")
+        if not cache.is_absolute() and ".." not in cache.parts:
+            outputs["cache_dir"] = cache
+        names = list(outputs)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if outputs[a] == outputs[b] or outputs[a] in outputs[b].parents:
+                    inner, outer = b, a
+                elif outputs[b] in outputs[a].parents:
+                    inner, outer = a, b
+                else:
+                    continue
+                _fail(f"paths.{inner}", str(outputs[inner]),
+                      f"a path that is not, and is not inside, paths.{outer} = {str(outputs[outer])!r} (the output "
+                      "paths and the cache dir must be distinct and not nested)")
 
 
 @dataclass(frozen=True)
@@ -133,7 +168,8 @@ class SourceParams:
     num_problems: int = 1000
     seed: int = 0
     min_digits: int = 1
-    max_digits: int = 1  # SmolLM2-135M-Instruct: ~64% right on one-digit +/-, ~10% with a two-digit operand
+    max_digits: int = 1
+    max_operand: int | None = None  # the largest operand (null: the largest with max_digits digits)
     max_operations: int = 1
     operators: tuple[str, ...] = ("+", "-")
     word_fraction: float = 0.25  # share of one-operation problems phrased as a short word problem (harder)
@@ -151,6 +187,10 @@ class SourceParams:
             _require(self.num_problems > 0, f"{key}.num_problems", self.num_problems, "an int > 0")
             _require(1 <= self.min_digits <= self.max_digits <= 9, f"{key}.max_digits", self.max_digits,
                      "1 <= min_digits <= max_digits <= 9")
+            if self.max_operand is not None:
+                smallest = 10 ** (self.min_digits - 1) if self.min_digits > 1 else 1
+                _require(self.max_operand >= smallest, f"{key}.max_operand", self.max_operand,
+                         f"null or an int >= {smallest} (the smallest operand with min_digits={self.min_digits})")
             _require(self.max_operations >= 1, f"{key}.max_operations", self.max_operations, "an int >= 1")
             _require(bool(self.operators) and set(self.operators) <= {"+", "-", "*"}, f"{key}.operators",
                      self.operators, "a non-empty list drawn from '+', '-', '*'")
@@ -336,6 +376,9 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
+_MAX_INT = 2**63 - 1  # what every consumer (numpy, torch, parquet) can hold: beyond it a knob is a typo
+
+
 def _finite(value: int | float) -> bool:
     try:
         return math.isfinite(float(value))
@@ -369,6 +412,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is int:
         _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        _require(abs(value) <= _MAX_INT, key, value if abs(value) < 10**30 else f"<an integer of {value.bit_length()} "
+                 "bits>", f"an integer of magnitude <= 2**63 - 1 = {_MAX_INT}")
         return value
     if tp is bool:
         _require(isinstance(value, bool), key, value, "true or false")
@@ -411,13 +456,27 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: ``1e-05`` (what ``dvc exp run -S
+    train.lr=1e-5`` writes; DVC itself reads YAML 1.2) and ``1E5`` would be strings. Ints stay ints.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}  # a SafeLoader subclass: no arbitrary objects
     except FileNotFoundError:
         raise ParamsError(f"params: file not found: {path}") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an int past Python's digit limit
         raise ParamsError(f"params: {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"params: {path} must hold a mapping at the top level, found {type(data).__name__}")

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from laser.config import FewShotTurn, SourceParams
 from laser.verify import last_boxed
@@ -31,6 +31,11 @@ class Row:
     problem: str
     answer: str
     line: int  # 1-based line (jsonl), row number (parquet, hf) or draw number (synthetic)
+    key: str = ""  # the held-out key (:func:`problem_keys`): for synthetic rows the expression, wording ignored
+
+    def keys(self) -> set[str]:
+        """Every key under which this row counts as the same problem as another (train/eval overlap)."""
+        return problem_keys(self.problem) | ({self.key} if self.key else set())
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,30 @@ def clean_answer(value: Any) -> str | None:
     return text
 
 
+_LATEX_SPACING = re.compile(r"\\[!,;: ]|\\left|\\right|\\displaystyle|\$")
+_EXPRESSION = re.compile(r"\d+(?:\s*[-+*]\s*\d+)+")
+
+
 def normalize_problem(text: str) -> str:
-    """The key for exact-duplicate detection: whitespace runs collapsed."""
-    return " ".join(text.split())
+    """The text key for duplicate detection: case, ``$``, LaTeX spacing macros and all whitespace ignored."""
+    return "".join(_LATEX_SPACING.sub("", text).casefold().split())
+
+
+def expression_key(numbers_: Sequence[int], operators: Sequence[str]) -> str:
+    """The canonical key of an arithmetic problem: operands and operators in order (``3+4``), wording ignored."""
+    return "expr:" + "".join(f"{n}{op}" for n, op in zip(numbers_, [*operators, ""]))
+
+
+def problem_keys(text: str) -> set[str]:
+    """The keys of a free-text problem: its normalised text, and the expression key of a single arithmetic
+    expression written in it (``What is 3 + 4?`` -> ``expr:3+4``), so a few-shot turn or a file problem that
+    words a synthetic problem differently still counts as that problem."""
+    keys = {"text:" + normalize_problem(text)}
+    expressions = _EXPRESSION.findall(text)
+    if len(expressions) == 1:
+        tokens = re.findall(r"\d+|[-+*]", expressions[0])
+        keys.add(expression_key([int(t) for t in tokens[::2]], tokens[1::2]))
+    return keys
 
 
 # -------------------------------------------------------------------------------------------------- file readers
@@ -107,7 +133,10 @@ def _row_from_record(record: Any, line: int, source: SourceParams, default_id: s
         return Reject(line, "empty_problem")
     if source.answer_field not in record or record[source.answer_field] is None:
         return Reject(line, "missing_answer", f"no field {source.answer_field!r}")
-    answer = clean_answer(record[source.answer_field])
+    try:
+        answer = clean_answer(record[source.answer_field])
+    except ValueError as err:  # an int past Python's digit limit (a parquet/hf int column or a Python caller)
+        return Reject(line, "invalid_answer", f"{source.answer_field!r}: {str(err)[:200]}")
     if answer is None:
         return Reject(line, "invalid_answer", f"{source.answer_field!r} = {str(record[source.answer_field])[:80]!r}")
     if not answer:
@@ -129,7 +158,7 @@ def read_jsonl(path: str | Path, source: SourceParams, id_prefix: str) -> Iterat
     with path.open("rb") as lines:  # decoded line by line: one bad byte rejects its line, not the file
         for number, raw in enumerate(lines, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a UTF-8 BOM (Windows editors) is no row
             except UnicodeDecodeError as err:
                 yield Reject(number, "invalid_utf8", str(err))
                 continue
@@ -137,8 +166,8 @@ def read_jsonl(path: str | Path, source: SourceParams, id_prefix: str) -> Iterat
                 continue  # blank lines are not rows
             try:
                 record = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield Reject(number, "invalid_json", str(err))
+            except (ValueError, RecursionError) as err:  # bad JSON, an int past Python's digit limit, deep nesting
+                yield Reject(number, "invalid_json", str(err)[:200])
                 continue
             yield _row_from_record(record, number, source, f"{id_prefix}-{number:06d}")
 
@@ -203,12 +232,21 @@ def evaluate_expression(numbers_: Sequence[int], operators: Sequence[str]) -> in
 
 
 def _operand(rng: random.Random, source: SourceParams) -> int:
-    digits = rng.randint(source.min_digits, source.max_digits)
-    return rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10**digits - 1)
+    max_digits = source.max_digits if source.max_operand is None else min(source.max_digits,
+                                                                          len(str(source.max_operand)))
+    digits = rng.randint(source.min_digits, max_digits)
+    largest = 10**digits - 1 if source.max_operand is None else min(10**digits - 1, source.max_operand)
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 1, largest)
+
+
+class SyntheticProblem(NamedTuple):
+    text: str
+    answer: int
+    key: str  # :func:`expression_key`: the same for every wording of these operands and operators
 
 
 def _draw_problem(rng: random.Random, source: SourceParams, operators: list[str], word: bool,
-                  tries: int = 100) -> tuple[str, int] | None:
+                  tries: int = 100) -> SyntheticProblem | None:
     """A problem of this shape with a non-negative answer, or None when ``tries`` draws found none (some shapes
     have none: ten one-digit subtractions). One operation always succeeds at once."""
     for _ in range(tries):
@@ -226,12 +264,12 @@ def _draw_problem(rng: random.Random, source: SourceParams, operators: list[str]
     else:
         expr = " ".join([str(values[0])] + [f"{op} {v}" for op, v in zip(operators, values[1:])])
         text = rng.choice(_QUESTION_TEMPLATES).format(expr=expr)
-    return text, answer
+    return SyntheticProblem(text, answer, expression_key(values, operators))
 
 
 def synthetic_problem(rng: random.Random, source: SourceParams, avoid: set[str] | frozenset = frozenset(),
-                      tries: int = 20) -> tuple[str, int]:
-    """One problem and its exact integer answer (never negative), drawn from ``rng``.
+                      tries: int = 20) -> SyntheticProblem:
+    """One problem, its exact integer answer (never negative) and its key, drawn from ``rng``.
 
     The shape (number of operations, operators, word problem or not) is drawn first, then up to ``tries`` draws of
     numbers and wording look for a text not in ``avoid``; if the shape has none left, the last draw is returned.
@@ -244,7 +282,7 @@ def synthetic_problem(rng: random.Random, source: SourceParams, avoid: set[str] 
         word = count == 1 and rng.random() < source.word_fraction
         draw = _draw_problem(rng, source, operators, word)
     for _ in range(tries - 1):
-        if draw[0] not in avoid:
+        if draw.text not in avoid:
             break
         draw = _draw_problem(rng, source, operators, word) or draw
     return draw
@@ -260,10 +298,10 @@ def generate_synthetic(source: SourceParams, id_prefix: str) -> Iterator[Row | R
     seen: set[str] = set()
     number = 0
     while True:
-        text, answer = synthetic_problem(rng, source, seen)
-        seen.add(text)
+        problem = synthetic_problem(rng, source, seen)
+        seen.add(problem.text)
         number += 1
-        yield Row(f"{id_prefix}-{number:06d}", text, str(answer), number)
+        yield Row(f"{id_prefix}-{number:06d}", problem.text, str(problem.answer), number, problem.key)
 
 
 def read_source(source: SourceParams, id_prefix: str) -> Iterator[Row | Reject]:

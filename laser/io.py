@@ -64,14 +64,17 @@ def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     prefix = temp_prefix(target)
     umask = os.umask(0)
     os.umask(umask)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; artifacts get the usual permissions
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-        tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600
+    try:
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+            tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; artifacts get the usual permissions
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+            tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600
+    except OSError as err:  # name the artifact, not the hidden temp file (read-only data/: one clear line)
+        raise OSError(err.errno, err.strerror, str(target)) from err
     try:
         yield tmp
         if is_dir:
@@ -92,6 +95,20 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_writable(*directories: str | Path) -> None:
+    """Create each directory and write (then remove) a probe file in it: a stage checks its outputs before its
+    work, not after it. Raises the ``OSError`` (``PermissionError``, read-only filesystem) naming the directory."""
+    for directory in directories:
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".write-probe-{_host()}-{os.getpid()}-", dir=directory)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(directory)) from err
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:

@@ -191,7 +191,7 @@ def _teach_answer_format(model, tokenizer, steps: int = 300, batch_size: int = 1
     for _ in range(steps):
         texts = []
         for _ in range(batch_size):
-            problem, answer = synthetic_problem(rng, source)
+            problem, answer, _key = synthetic_problem(rng, source)
             chat = [{"role": "user", "content": f"{instruction}\n\n{problem}"},
                     {"role": "assistant", "content": f"The answer is \\boxed{{{answer}}}."}]
             texts.append(tokenizer.apply_chat_template(chat, tokenize=False))

@@ -9,7 +9,8 @@
 - an item still running after ``timeout_s`` -> ``timeout``: its worker is killed and replaced, the rest of the
   batch goes on;
 - an exception while parsing or comparing (math-verify is called with ``raise_on_error=True``), a gold answer that
-  does not parse, or a worker that dies -> ``error`` with the message. Errors are statuses, never a silent 0:
+  does not parse, an answer math-verify gives up parsing (too deep, too many digits: it would fall back to a
+  string compare), or a worker that dies -> ``error`` with the message. Errors are statuses, never a silent 0:
   :func:`summarize` counts them.
 
 Why processes: math-verify's own timeouts use ``signal.alarm``, which works only in the main thread (Prefect runs
@@ -20,9 +21,10 @@ A replaced worker needs ~1 s to import math-verify; the other workers go on mean
 
 Throughput: work goes out in chunks; a worker streams one small message per finished item, so the parent always
 knows which item is running and since when: the deadline is per item (``timeout_s`` from the moment the parent
-sees the previous item finish), with no re-runs. Identical (answer, gold) pairs in a batch are verified once; a
-worker caches parsed gold answers; plain integers and integer fractions skip LaTeX parsing (:func:`fast_parse`,
-which builds exactly what math-verify's parser would). Measured numbers: bench/bench_verify.py.
+sees the previous item finish), with no re-runs. Finding the boxes runs in the workers too, inside that
+deadline, in one linear pass. Identical (response, gold) pairs in a batch are verified once; a worker caches
+parsed gold answers and its verdicts per (answer, gold); plain integers and integer fractions skip LaTeX parsing
+(:func:`fast_parse`, which builds exactly what math-verify's parser would). Measured numbers: bench/bench_verify.py.
 
 Threads: a :class:`VerifierPool` serves calls from several threads one batch at a time (a lock); the
 module-level :func:`verify_batch` uses one shared pool per ``num_workers``, started on first use, closed at exit.
@@ -72,17 +74,25 @@ def boxed(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 
 
+_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character (skipped), or a brace
+
+
 def _find_boxes(text: str) -> list[str]:
     """Contents of the complete, non-nested ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, in order.
 
     Braces are balanced; escaped braces (``\\{``, ``\\}``) do not count. ``\\boxed 5`` (a single token after a
     space, as some models write) is accepted. An unclosed box (a truncated response) is not an answer.
+    One pass: the next occurrence of each command is searched for again only once the scan has passed it, so the
+    time is linear in ``len(text)`` however many boxes there are.
     """
     found: list[str] = []
     pos, n = 0, len(text)
+    upcoming = {cmd: text.find(cmd) for cmd in _BOX_COMMANDS}  # the next occurrence at or after pos (-1: none)
     while True:
-        starts = [(text.find(cmd, pos), cmd) for cmd in _BOX_COMMANDS]
-        starts = [(i, cmd) for i, cmd in starts if i >= 0]
+        for cmd, at in upcoming.items():
+            if 0 <= at < pos:
+                upcoming[cmd] = text.find(cmd, pos)
+        starts = [(at, cmd) for cmd, at in upcoming.items() if at >= 0]
         if not starts:
             return found
         start, cmd = min(starts)
@@ -93,20 +103,16 @@ def _find_boxes(text: str) -> list[str]:
         while i < n and text[i] == " ":
             i += 1
         if i < n and text[i] == "{":
-            depth, j = 0, i
-            while j < n:
-                ch = text[j]
-                if ch == "\\":
-                    j += 2
-                    continue
-                if ch == "{":
+            depth, j = 0, -1
+            for token in _BRACE_TOKENS.finditer(text, i):
+                if token[0] == "{":
                     depth += 1
-                elif ch == "}":
+                elif token[0] == "}":
                     depth -= 1
                     if depth == 0:
+                        j = token.start()
                         break
-                j += 1
-            if j >= n:  # unclosed: nothing after it can be a complete box either
+            if j < 0:  # unclosed: nothing after it can be a complete box either
                 return found
             found.append(text[i + 1 : j])
             pos = j + 1
@@ -126,14 +132,26 @@ def last_boxed(text: str) -> str | None:
     return boxes[-1].strip() if boxes else None
 
 
-def _gold_text(gold: object) -> str:
+def _gold_string(gold: object) -> str:
+    """A gold answer as the string sent to the workers (cheap; the box, if any, is taken off there)."""
     if gold is None:
         return ""  # -> status "error" (an unparseable gold), never a silent "incorrect"
     if isinstance(gold, float) and gold.is_integer():
         gold = int(gold)
-    text = str(gold).strip()
+    try:
+        return str(gold).strip()
+    except ValueError:  # an int past Python's digit limit: "error" (gold not parsed), not an exception here
+        return ""
+
+
+def _gold_text(gold: object) -> str:
+    text = _gold_string(gold)
     inner = last_boxed(text) if "\\boxed" in text or "\\fbox" in text else None
     return inner if inner is not None else text
+
+
+def _has_box(text: str) -> bool:
+    return any(cmd in text for cmd in _BOX_COMMANDS)
 
 
 # ----------------------------------------------------------------------------------------------------- the worker
@@ -173,16 +191,62 @@ def fast_parse(answer: str) -> list | None:
     return None
 
 
-def _parse(answer: str) -> list:
+_gave_up: list[str] = []  # why math-verify's LaTeX parser gave up during the current _parse (see _probe_giving_up)
+
+
+def _probe_giving_up() -> bool:
+    """Record, in ``_gave_up``, every time math-verify's LaTeX parser gives up rather than rejects the syntax.
+
+    math-verify swallows parser exceptions and falls back to comparing the answer as a plain string, so a failure
+    to judge (``1+1+...+1`` with 5001 terms: ``RecursionError``; an integer past Python's digit limit) would read
+    as ``incorrect``. latex2sympy reports malformed LaTeX with a plain ``Exception`` (the model's answer is wrong);
+    anything else (recursion, size limits, sympy errors) means the parser gave up. Returns False when math-verify
+    no longer has the hook (then any answer that parses only as a string counts as given up).
+    """
+    import math_verify.parser as parser
+
+    original = getattr(parser, "parse_latex_cached", None)
+    if original is None:
+        return False
+    if getattr(original, "_laser_probe", False):
+        return True
+
+    def probed(latex: str):
+        try:
+            return original(latex)
+        except Exception as err:
+            if type(err) is not Exception:
+                _gave_up.append(f"{type(err).__name__}: {str(err)[:200]}")
+            raise
+
+    probed._laser_probe = True  # type: ignore[attr-defined]
+    parser.parse_latex_cached = probed
+    return True
+
+
+def _parse(answer: str) -> tuple[list, str | None]:
+    """math-verify's parse of ``\\boxed{answer}``, and why the parser gave up (None: it did not) when nothing but
+    the string itself came out."""
     from math_verify import parse
 
     fast = fast_parse(answer)
-    return fast if fast is not None else parse(boxed(answer), parsing_timeout=None, raise_on_error=True)
+    if fast is not None:
+        return fast, None
+    probing = _probe_giving_up()
+    _gave_up.clear()
+    parsed = parse(boxed(answer), parsing_timeout=None, raise_on_error=True)
+    if not parsed or any(not isinstance(x, str) for x in parsed):
+        return parsed, None  # nothing extracted (no math in it), or parsed
+    if _gave_up:
+        return parsed, _gave_up[-1]
+    return parsed, None if probing else "math-verify could parse it only as a string"
 
 
 def check_answer(pred: str, gold: str, gold_cache: dict | None = None) -> tuple[str, str | None]:
     """(status, error) for one extracted answer against one gold answer, in this process, with no timeout.
 
+    ``error`` also when math-verify gives up parsing either answer (too deep, too many digits): its fallback,
+    a string compare, would turn a failure to judge into ``incorrect``. Malformed LaTeX stays ``incorrect``.
     The workers run this; it is public for tests and single-process baselines. Never call it on untrusted
     input from a thread that must not hang.
     """
@@ -190,21 +254,24 @@ def check_answer(pred: str, gold: str, gold_cache: dict | None = None) -> tuple[
 
     try:
         if gold_cache is not None and gold in gold_cache:
-            gold_parsed = gold_cache[gold]
+            gold_parsed, gold_gave_up = gold_cache[gold]
         else:
-            gold_parsed = _parse(gold)
+            gold_parsed, gold_gave_up = _parse(gold)
             if gold_cache is not None:
                 if len(gold_cache) >= _GOLD_CACHE_SIZE:
                     gold_cache.clear()
-                gold_cache[gold] = gold_parsed
-        if not gold_parsed:
-            return "error", f"gold answer could not be parsed: {gold[:200]!r}"
-        pred_parsed = _parse(pred)
+                gold_cache[gold] = (gold_parsed, gold_gave_up)
+        if not gold_parsed or gold_gave_up:
+            return "error", f"gold answer could not be parsed: {gold[:200]!r}" + (
+                f" ({gold_gave_up})" if gold_gave_up else "")
+        pred_parsed, pred_gave_up = _parse(pred)
         if not pred_parsed:
             return "incorrect", None
         ok = verify(gold_parsed, pred_parsed, timeout_seconds=None, raise_on_error=True)
     except Exception as err:  # counted as an error by the caller, never a silent 0
         return "error", f"{type(err).__name__}: {str(err)[:300]}"
+    if pred_gave_up and not ok:  # an equal string is still a match; anything else was never judged
+        return "error", f"math-verify gave up parsing the answer ({pred_gave_up}): not judged"
     return ("correct" if ok else "incorrect"), None
 
 
@@ -231,7 +298,8 @@ WARMUP_PAIRS = (
 
 
 def _worker_main(read_fd: int, write_fd: int, parent_pid: int, warmup: bool = False) -> None:
-    """Entry point of a worker process (``python -c``): chunks in, one (seq, status, error) per item out."""
+    """Entry point of a worker process (``python -c``): chunks of (seq, response, gold, require_single_boxed) in;
+    per item, (seq, None, None, pred) once the answer is extracted, then (seq, status, error, pred)."""
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     _watch_parent(parent_pid)
     try:
@@ -246,6 +314,7 @@ def _worker_main(read_fd: int, write_fd: int, parent_pid: int, warmup: bool = Fa
         return
     outbox.send(("ready", None))
     cache: dict = {}
+    verdicts: dict[tuple[str, str], tuple[str, str | None]] = {}
     while True:
         try:
             chunk = inbox.recv()
@@ -253,9 +322,19 @@ def _worker_main(read_fd: int, write_fd: int, parent_pid: int, warmup: bool = Fa
             return
         if chunk is None:
             return
-        for seq, pred, gold in chunk:
-            status, err = check_answer(pred, gold, cache)
-            outbox.send((seq, status, err))
+        for seq, response, gold, single in chunk:
+            boxes = _find_boxes(response)  # here, not in the caller: the item's deadline covers the scan
+            pred = boxes[-1].strip() if boxes else None
+            if not pred or (single and len(boxes) != 1):
+                outbox.send((seq, "no_answer", None, pred))
+                continue
+            pair = (pred, _gold_text(gold))
+            if pair not in verdicts:  # the same answer from another response: judged once per worker
+                outbox.send((seq, None, None, pred))  # the caller keeps pred_answer even if the check times out
+                if len(verdicts) >= _GOLD_CACHE_SIZE:
+                    verdicts.clear()
+                verdicts[pair] = check_answer(*pair, cache)
+            outbox.send((seq, *verdicts[pair], pred))
 
 
 # ----------------------------------------------------------------------------------------------------- the pool
@@ -365,25 +444,23 @@ class VerifierPool:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         verdicts: list[Verdict | None] = [None] * len(responses)
-        preds: list[str | None] = []
-        jobs: dict[tuple[str, str], list[int]] = {}  # identical (answer, gold) pairs are verified once
+        jobs: dict[tuple[str, str, bool], list[int]] = {}  # identical (response, gold) pairs are verified once
         for i, (response, gold) in enumerate(zip(responses, golds)):
-            boxes = _find_boxes(response or "")
-            pred = boxes[-1].strip() if boxes else None
-            preds.append(pred)
-            if not pred or (require_single_boxed and len(boxes) != 1):
-                verdicts[i] = Verdict("no_answer", 0, pred)
+            response = response or ""
+            if not _has_box(response):  # a substring test (linear, in C): no box, no answer
+                verdicts[i] = Verdict("no_answer", 0, None)
                 continue
-            jobs.setdefault((pred, _gold_text(gold)), []).append(i)
+            # Everything else, finding the boxes included, runs in the workers under the per-item deadline.
+            jobs.setdefault((response, _gold_string(gold), bool(require_single_boxed)), []).append(i)
         if jobs:
             keys = list(jobs)
             with self._lock:
                 if self._closed:
                     raise VerifierError("the VerifierPool is closed")
                 results = self._run(keys, float(timeout_s))
-            for key, (status, err) in zip(keys, results):
+            for key, (status, err, pred) in zip(keys, results):
                 for i in jobs[key]:
-                    verdicts[i] = Verdict(status, int(status == "correct"), preds[i], err)
+                    verdicts[i] = Verdict(status, int(status == "correct"), pred, err)
         return verdicts  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------------ internals
@@ -417,7 +494,7 @@ class VerifierPool:
             raise VerifierError(f"a verifier worker failed to start:\n{payload}")
         worker.ready = True
 
-    def _run(self, keys: list[tuple[str, str]], timeout_s: float) -> list[tuple[str, str | None]]:
+    def _run(self, keys: list[tuple[str, str, bool]], timeout_s: float) -> list[tuple[str, str | None, str | None]]:
         try:
             return self._dispatch(keys, timeout_s)
         except BaseException:
@@ -429,11 +506,14 @@ class VerifierPool:
             self._workers = [w for w in self._workers if w.alive()]
             raise
 
-    def _dispatch(self, keys: list[tuple[str, str]], timeout_s: float) -> list[tuple[str, str | None]]:
-        """Verify ``keys`` in chunks across the workers. A worker that dies or passes its deadline is replaced:
-        the item it was on gets ``error`` / ``timeout`` and the rest of its chunk goes back to the queue."""
+    def _dispatch(self, keys: list[tuple[str, str, bool]], timeout_s: float) -> list[tuple[str, str | None,
+                                                                                          str | None]]:
+        """Verify ``keys`` in chunks across the workers: (status, error, pred_answer) each. A worker that dies or
+        passes its deadline is replaced: the item it was on gets ``error`` / ``timeout`` (with the answer it had
+        extracted, if any) and the rest of its chunk goes back to the queue."""
         self._ensure_workers()
-        results: list[tuple[str, str | None] | None] = [None] * len(keys)
+        results: list[tuple[str, str | None, str | None] | None] = [None] * len(keys)
+        preds: dict[int, str | None] = {}  # answers extracted by items still being checked
         queue: collections.deque[int] = collections.deque(range(len(keys)))
         chunk_size = max(1, min(_MAX_CHUNK, math.ceil(len(keys) / (4 * self.num_workers))))
         while queue or any(w.pending for w in self._workers):
@@ -443,16 +523,17 @@ class VerifierPool:
                 continue
             wait([w.inbox for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for worker in busy:  # a dead worker's pipe reads EOF, so wait() returned for it too
-                died = self._drain(worker, results, timeout_s)
+                died = self._drain(worker, results, preds, timeout_s)
                 failure = self._failure(worker, died, timeout_s)
                 if failure is not None:
-                    results[worker.pending.popleft()] = failure
+                    seq = worker.pending.popleft()
+                    results[seq] = (*failure, preds.pop(seq, None))
                     queue.extendleft(reversed(worker.pending))
                     worker.pending.clear()
                     self._replace(worker)
         return results  # type: ignore[return-value]
 
-    def _feed_idle(self, queue: collections.deque[int], keys: list[tuple[str, str]], chunk_size: int,
+    def _feed_idle(self, queue: collections.deque[int], keys: list[tuple[str, str, bool]], chunk_size: int,
                    timeout_s: float) -> None:
         """Send the next chunk of ``queue`` to every idle worker and set its deadline."""
         for worker in self._workers:
@@ -472,18 +553,25 @@ class VerifierPool:
             worker.pending.extend(chunk)
             worker.deadline = time.monotonic() + timeout_s if worker.ready else worker.started + _STARTUP_TIMEOUT_S
 
-    def _drain(self, worker: _Worker, results: list, timeout_s: float) -> bool:
-        """Store every answer ``worker`` has sent so far; True when its pipe is closed (it died)."""
+    def _drain(self, worker: _Worker, results: list, preds: dict[int, str | None], timeout_s: float) -> bool:
+        """Store every answer ``worker`` has sent so far; True when its pipe is closed (it died). An item's
+        extracted answer (status None) is kept aside: its deadline runs on until its verdict comes."""
         try:
             while worker.pending and worker.inbox.poll():
                 if not worker.ready:
                     self._handle_startup_message(worker)
-                else:
-                    seq, status, err = worker.inbox.recv()
-                    expected = worker.pending.popleft()
-                    if seq != expected:
-                        raise VerifierError(f"verifier protocol error: got item {seq}, expected {expected}")
-                    results[seq] = (status, err)
+                    worker.deadline = time.monotonic() + timeout_s
+                    continue
+                seq, status, err, pred = worker.inbox.recv()
+                expected = worker.pending[0]
+                if seq != expected:
+                    raise VerifierError(f"verifier protocol error: got item {seq}, expected {expected}")
+                if status is None:
+                    preds[seq] = pred
+                    continue
+                worker.pending.popleft()
+                preds.pop(seq, None)
+                results[seq] = (status, err, pred)
                 worker.deadline = time.monotonic() + timeout_s
         except (EOFError, OSError):
             return True

@@ -29,16 +29,23 @@ Outputs, each written atomically:
 
 - ``paths.data_stats``: JSON: per set (``train``, ``eval/<name>``) its source, split, rows read, rows kept,
   rejects by reason, the reject fraction, duplicates removed (train) and prompt-token stats; plus totals.
-- ``paths.data_rejects``: JSON lines ``{"set", "file", "line", "reason", "detail"}``: every row not kept (bad rows,
-  and train rows that duplicate an eval problem, reason ``duplicate_of_eval``).
+- ``paths.data_rejects``: JSON lines ``{"set", "file", "line", "reason", "detail"}``: every row not kept (bad rows;
+  train rows that repeat an eval problem, reason ``duplicate_of_eval``; eval rows that repeat a few-shot turn,
+  reason ``duplicate_of_few_shot``; both with ``overlaps``: the set or turn repeated).
 
 Rows are read in order until a set has ``limit`` rows (``num_problems`` for synthetic); rejected and duplicate
 rows do not count towards it. Rejects: ``invalid_json``, ``not_an_object``, ``missing_problem``,
 ``invalid_problem``, ``empty_problem``, ``missing_answer``, ``invalid_answer``, ``empty_answer``, ``missing_id``,
 ``duplicate_id``, ``prompt_too_long`` (> ``max_prompt_tokens``). When a set's rejected fraction exceeds
 ``max_reject_fraction``, the stage writes the stats and rejects, not the data, and fails naming the set and the
-reasons. Exact duplicate problems (whitespace collapsed) in the train set that appear in any eval set are removed
-from train and counted. The output is a pure function of the params (and the source files): same seed, same bytes.
+reasons.
+
+Held out by construction: two problems are the same when they share a key (:func:`laser.data.problem_keys`): the
+text up to case, ``$``, LaTeX spacing and whitespace, or, for arithmetic, the operands and operators in order
+whatever the wording (``What is 3 + 4?`` = ``Tom has 3 apples and gets 4 more...``). Eval sets leave out problems
+that repeat a few-shot turn (its answer is in the prompt); train leaves out every problem that repeats an eval
+problem. ``stats["held_out"][<eval set>]`` counts both removals and re-checks the written rows: overlap 0.
+The output is a pure function of the params (and the source files): same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from laser.data import (
     Row,
     SourceError,
     has_chat_template,
-    normalize_problem,
+    problem_keys,
     read_source,
     render_prompt,
     source_label,
@@ -102,17 +109,26 @@ class PreparedData:
     errors: list[str] = field(default_factory=list)  # reject limits exceeded: the data must not be written
 
 
+@dataclass(frozen=True)
+class _Exclusion:
+    """Why a row whose key is excluded from a set is removed: the reason, and the set (or turn) it repeats."""
+    reason: str  # duplicate_of_eval | duplicate_of_few_shot
+    other: str  # the eval set, or "few_shot[i]"
+
+
 @dataclass
 class _SetBuilder:
-    """One set being built: the rows kept, the rows rejected (with file and line) and the counters."""
+    """One set being built: the rows kept (and their held-out keys), the rows rejected (with file and line) and
+    the counters."""
     name: str  # "train" or "eval/<name>"
     label: str  # the source, as written in stats and rejects
     rows: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[set[str]] = field(default_factory=list)  # keys[i]: Row.keys() of rows[i]
     rejects: list[dict[str, Any]] = field(default_factory=list)
-    reasons: Counter[str] = field(default_factory=Counter)  # bad rows by reason (eval duplicates are not bad)
+    reasons: Counter[str] = field(default_factory=Counter)  # bad rows by reason (held-out removals are not bad)
+    removed: Counter[str] = field(default_factory=Counter)  # held-out removals by the set or turn they repeat
     seen_ids: set[str] = field(default_factory=set)
     read: int = 0
-    duplicates_of_eval: int = 0
 
     def reject(self, line: int, reason: str, detail: str = "", *, bad: bool = True, **extra: Any) -> None:
         if bad:
@@ -120,18 +136,16 @@ class _SetBuilder:
         self.rejects.append({"set": self.name, "file": self.label, "line": line, "reason": reason,
                              "detail": detail, **extra})
 
-    def take(self, stream: Iterator[Row | Reject], want: int, exclude: dict[str, str] | None) -> list[Row] | None:
-        """Up to ``want`` valid rows from ``stream`` that are not eval duplicates; None once it is exhausted."""
+    def take(self, stream: Iterator[Row | Reject], want: int, exclude: dict[str, _Exclusion]) -> list[Row] | None:
+        """Up to ``want`` valid rows from ``stream`` whose keys are not excluded; None once it is exhausted."""
         batch: list[Row] = []
         for item in stream:
             self.read += 1
-            other = exclude.get(normalize_problem(item.problem)) if exclude and isinstance(item, Row) else None
             if isinstance(item, Reject):
                 self.reject(item.line, item.reason, item.detail)
-            elif other is not None:
-                self.duplicates_of_eval += 1
-                self.reject(item.line, "duplicate_of_eval", f"same problem as in eval set {other!r}", bad=False,
-                            eval_set=other)
+            elif (hit := _excluded(item, exclude)) is not None:
+                self.removed[hit.other] += 1
+                self.reject(item.line, hit.reason, f"same problem as {hit.other!r}", bad=False, overlaps=hit.other)
             else:
                 batch.append(item)
             if len(batch) == want:
@@ -151,6 +165,7 @@ class _SetBuilder:
                 self.reject(row.line, "duplicate_id", f"id {row.id!r} seen before")
             else:
                 self.seen_ids.add(row.id)
+                self.keys.append(row.keys())
                 self.rows.append({"id": row.id, "source": self.label, "split": source.split, "problem": row.problem,
                                   "answer": row.answer, "messages": messages, "prompt": prompt,
                                   "prompt_tokens": n_tokens})
@@ -167,7 +182,7 @@ class _SetBuilder:
             "rejected": rejected,
             "rejected_by_reason": dict(sorted(self.reasons.items())),
             "reject_fraction": rejected / self.read if self.read else 0.0,
-            "duplicates_of_eval_removed": self.duplicates_of_eval,
+            "held_out_removed": dict(sorted(self.removed.items())),
             "prompt_tokens": {
                 "min": min(token_counts, default=0),
                 "mean": round(statistics.fmean(token_counts), 2) if token_counts else 0.0,
@@ -179,6 +194,10 @@ class _SetBuilder:
         return stats
 
 
+def _excluded(row: Row, exclude: dict[str, _Exclusion]) -> _Exclusion | None:
+    return next((exclude[key] for key in sorted(row.keys()) if key in exclude), None)
+
+
 def _hopeless(rejected: int, target: int, params: PrepareParams) -> bool:
     """True once an endless source's rejects exceed the limit even if every later row were kept (or, with no
     limit, exceed ten times the set): it stops instead of reading forever, and prepare() fails."""
@@ -186,8 +205,9 @@ def _hopeless(rejected: int, target: int, params: PrepareParams) -> bool:
 
 
 def _build_set(set_name: str, source: SourceParams, params: PrepareParams, tokenizer,
-               exclude: dict[str, str] | None = None) -> PreparedSet:
-    """Read ``source`` until the set is full; ``exclude`` maps normalised eval problems to their eval set."""
+               exclude: dict[str, _Exclusion]) -> tuple[PreparedSet, list[set[str]]]:
+    """Read ``source`` until the set is full, leaving out rows with a key in ``exclude``; returns the set and
+    the keys of its rows."""
     target = source.num_problems if source.kind == "synthetic" else source.limit
     builder = _SetBuilder(set_name, source_label(source))
     stream = read_source(source, set_name.removeprefix("eval/"))
@@ -198,18 +218,43 @@ def _build_set(set_name: str, source: SourceParams, params: PrepareParams, token
         builder.admit(batch, source, params, tokenizer)
         if source.kind == "synthetic" and _hopeless(sum(builder.reasons.values()), target, params):
             break  # an endless source whose rows keep failing (every prompt too long, say) would never fill the set
-    return PreparedSet(set_name, builder.rows, builder.stats(source, target), builder.rejects)
+    return PreparedSet(set_name, builder.rows, builder.stats(source, target), builder.rejects), builder.keys
+
+
+def few_shot_exclusions(params: PrepareParams) -> dict[str, _Exclusion]:
+    """The keys of the few-shot turns: an eval problem equal to one has its answer in the prompt."""
+    return {key: _Exclusion("duplicate_of_few_shot", f"few_shot[{i}]")
+            for i, turn in enumerate(params.few_shot) for key in problem_keys(turn.user)}
+
+
+def held_out_report(train_keys: list[set[str]], eval_keys: dict[str, list[set[str]]],
+                    params: PrepareParams, removed: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Per eval set: the rows removed to hold it out, and the overlap that is left (checked on the rows written,
+    independently of the removal: 0 by construction)."""
+    in_train = set().union(*train_keys)
+    in_few_shot = set(few_shot_exclusions(params))
+    return {name: {"train_rows_removed": removed["train"].get(name, 0),
+                   "eval_rows_removed_as_few_shot": sum(removed[f"eval/{name}"].values()),
+                   "overlap_with_train": sum(bool(k & in_train) for k in keys),
+                   "overlap_with_few_shot": sum(bool(k & in_few_shot) for k in keys)}
+            for name, keys in eval_keys.items()}
 
 
 def prepare(params: PrepareParams, tokenizer) -> PreparedData:
-    """Build every set (eval sets first: train excludes their problems). Pure: nothing is written."""
-    eval_sets = {name: _build_set(f"eval/{name}", source, params, tokenizer)
-                 for name, source in params.eval_sets.items()}
-    exclude: dict[str, str] = {}
-    for name, prepared in eval_sets.items():
-        for row in prepared.rows:
-            exclude.setdefault(normalize_problem(row["problem"]), name)
-    train = _build_set("train", params.train, params, tokenizer, exclude)
+    """Build every set, eval sets first: they leave out problems that repeat a few-shot turn, and train leaves out
+    every problem that shares a key with an eval problem (same text up to case and spacing, or same operands and
+    operators in any wording). Pure: nothing is written."""
+    few_shot = few_shot_exclusions(params)
+    built = {name: _build_set(f"eval/{name}", source, params, tokenizer, few_shot)
+             for name, source in params.eval_sets.items()}
+    eval_sets = {name: prepared for name, (prepared, _) in built.items()}
+    exclude: dict[str, _Exclusion] = {}
+    for name, (_, keys) in built.items():
+        for key in set().union(*keys):
+            exclude.setdefault(key, _Exclusion("duplicate_of_eval", name))
+    train, train_keys = _build_set("train", params.train, params, tokenizer, exclude)
+    removed = {s.name: s.stats["held_out_removed"] for s in [train, *eval_sets.values()]}
+    held_out = held_out_report(train_keys, {name: keys for name, (_, keys) in built.items()}, params, removed)
 
     all_sets = [train, *eval_sets.values()]
     errors = []
@@ -237,7 +282,8 @@ def prepare(params: PrepareParams, tokenizer) -> PreparedData:
         "sets": {prepared.name: prepared.stats for prepared in all_sets},
         "rows": {prepared.name: prepared.stats["rows"] for prepared in all_sets},
         "rejected_by_reason": dict(sorted(totals.items())),
-        "duplicates_of_eval_removed": train.stats["duplicates_of_eval_removed"],
+        "held_out": held_out,
+        "duplicates_of_eval_removed": sum(v["train_rows_removed"] for v in held_out.values()),
         "ok": not errors,
         "errors": errors,
     }
@@ -281,8 +327,8 @@ def run(params: Params, args) -> None:
         raise StageError("prepare: " + "; ".join(prepared.errors) + f" (details: {params.paths.data_rejects})")
     for name, count in prepared.stats["rows"].items():
         print(f"prepare: {name}: {count} rows")
-    print(f"prepare: rejected {prepared.stats['rejected_by_reason'] or 'none'}, "
-          f"{prepared.stats['duplicates_of_eval_removed']} train duplicates of eval problems removed")
+    print(f"prepare: rejected {prepared.stats['rejected_by_reason'] or 'none'}; held out: "
+          f"{prepared.stats['held_out']}")
 
 
 def main(argv=None) -> None:

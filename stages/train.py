@@ -28,7 +28,7 @@ from laser import engine as ds
 from laser.cli import StageError, stage_main
 from laser.config import Params
 from laser.engine import gathered_for_generation
-from laser.io import atomic_path, atomic_write_json, atomic_write_text
+from laser.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable
 from laser.models import load_model, load_tokenizer, token_id
 from laser.rollouts import SelfRewardConfig, read_problems, read_self_reward_config, write_self_reward_config
 from laser.runtime import base_model_dir, code_digest
@@ -138,7 +138,17 @@ def write_curves(steps_log: Path, path: str | Path) -> None:
         writer.writerows(records)
 
 
+def check_outputs_writable(params: Params) -> None:
+    """Fail before step 1, not at the export after the last one, when an output cannot be written (permission
+    denied, read-only filesystem: laser.cli makes it one ``error:`` line, exit 3)."""
+    paths = params.paths
+    ensure_writable(*dict.fromkeys([Path(paths.trained_model).parent, Path(paths.checkpoints),
+                                    Path(paths.train_steps).parent, Path(paths.train_curves).parent,
+                                    Path(paths.train_metrics).parent]))
+
+
 def train(params: Params) -> None:
+    check_outputs_writable(params)
     rank, world_size = ds.init_distributed()
     t = params.train
     if t.prompts_per_step % world_size or t.mini_batch_size % (world_size * t.micro_batch_size):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,33 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is absent (a fresh clone): data tests skipped")
     return path
+
+
+def run_with_readonly(cmd: list[str], readonly: list[Path], **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with the directories ``readonly`` unwritable to it.
+
+    Tests often run as root, and root ignores permission bits, so a chmod would prove nothing there: as root the
+    command runs in a private mount namespace (``unshare -m``) in which each directory is bind-mounted read-only
+    (writes fail with EROFS, nothing leaks outside the namespace); otherwise the directories are chmod 0555
+    (EACCES). Skips when neither is possible.
+    """
+    if os.geteuid() == 0:
+        if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+            pytest.skip("running as root without `unshare -m`: cannot make a directory read-only")
+        mounts = " && ".join(f"mount --bind {shlex.quote(str(d))} {shlex.quote(str(d))} && "
+                             f"mount -o remount,bind,ro {shlex.quote(str(d))}" for d in readonly)
+        return subprocess.run(["unshare", "-m", "sh", "-c", f'{mounts} && exec "$@"', "sh", *cmd], **kwargs)
+    modes = {d: d.stat().st_mode for d in readonly}
+    try:
+        for d in readonly:
+            d.chmod(0o555)
+        return subprocess.run(cmd, **kwargs)
+    finally:
+        for d, mode in modes.items():
+            d.chmod(mode)
+
+
+@pytest.fixture
+def readonly_run():
+    """:func:`run_with_readonly`, as a fixture."""
+    return run_with_readonly

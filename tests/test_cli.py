@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 
 from laser.cli import BAD_PARAMS_EXIT, PERMANENT_EXIT, StageError, stage_main
 from laser.data import SourceError
 from laser.models import ModelError
 from laser.verify import VerifierError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params_file(tmp_path, text: str = "train:\n  lr: 0.001\n"):
@@ -49,3 +57,51 @@ def test_unexpected_exceptions_propagate(tmp_path):
 
     with pytest.raises(RuntimeError, match="connection reset"):
         stage_main(run, "test", ["--params", _params_file(tmp_path)])
+
+
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied", "data/stats.json"),
+                                   OSError(errno.EROFS, "Read-only file system", "models/trained")])
+def test_permission_and_read_only_errors_are_permanent_with_one_line(tmp_path, capsys, error):
+    def run(params, args):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main(run, "test", ["--params", _params_file(tmp_path)])
+    assert exit_info.value.code == PERMANENT_EXIT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and error.filename in err and error.strerror in err
+
+
+def test_other_os_errors_stay_transient(tmp_path):
+    def run(params, args):
+        raise OSError(errno.ENOSPC, "No space left on device", "data/train.parquet")  # may clear: retried
+
+    with pytest.raises(OSError, match="No space left"):
+        stage_main(run, "test", ["--params", _params_file(tmp_path)])
+
+
+def test_help_says_missing_sections_take_defaults(capsys):
+    with pytest.raises(SystemExit):
+        stage_main(lambda params, args: None, "test", ["--help"])
+    assert "missing section or key takes its default" in " ".join(capsys.readouterr().out.split())
+
+
+def stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def test_train_checks_its_outputs_are_writable_before_step_1(tmp_path, readonly_run, repo_cache):
+    """A read-only models/ used to fail only at the export after the last step: now train stops before it loads
+    anything (no inputs exist here at all), exit 3 with one line naming the directory."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"cache_dir": str(repo_cache)},
+                                                          "model": {"name": "tiny-random"}}))
+    done = readonly_run([sys.executable, "-m", "stages.train", "--params", "params.yaml"], [tmp_path / "models"],
+                        cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == PERMANENT_EXIT, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "models" in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "train" / "steps.jsonl").exists()

@@ -68,6 +68,16 @@ def test_empty_file_gives_defaults(tmp_path):
         ({"rollout": {"samples_per_problem": 0}}, ["rollout.samples_per_problem", "an int > 0"]),
         ({"rollout": {"models": ["base"]}}, ["rollout.models"]),  # unknown key: the models are dvc.yaml's foreach
         ({"model": {"trust_remote_code": "yes"}}, ["model.trust_remote_code", "true or false"]),
+        ({"train": {"steps": 10**400}}, ["train.steps", "1329 bits", "magnitude <= 2**63 - 1"]),
+        ({"train": {"checkpoint_every": 2**63}}, ["train.checkpoint_every", "magnitude <= 2**63 - 1"]),
+        # outputs must not be project files (a stage replaces its outputs) nor nested in each other
+        ({"paths": {"data_rejects": "stages/prepare.py"}}, ["paths.data_rejects", "outside the project's own files"]),
+        ({"paths": {"data_stats": "params.yaml"}}, ["paths.data_stats", "'params.yaml'", "project's own files"]),
+        ({"paths": {"eval_plots": "./dvc.yaml"}}, ["paths.eval_plots", "project's own files"]),
+        ({"paths": {"eval_report": ".git/HEAD"}}, ["paths.eval_report", "project's own files"]),
+        ({"paths": {"eval_data_dir": "data"}}, ["paths.train_data", "inside, paths.eval_data_dir = 'data'"]),
+        ({"paths": {"eval_metrics": "train/metrics.json"}}, ["paths.eval_metrics", "paths.train_metrics"]),
+        ({"paths": {"cache_dir": "rollouts/cache"}}, ["paths.cache_dir", "paths.rollouts_dir = 'rollouts'"]),
     ],
 )
 def test_bad_params_fail_with_key_value_and_allowed(tmp_path, data, fragments):
@@ -79,6 +89,47 @@ def test_bad_params_fail_with_key_value_and_allowed(tmp_path, data, fragments):
         assert fragment in message, (fragment, message)
 
 
+def test_sibling_outputs_and_an_outside_cache_are_fine(tmp_path):
+    params = load_params(_write(tmp_path, {"paths": {"data_stats": "data/eval_stats.json", "cache_dir": "/var/cache/x",
+                                                     "eval_plots": "eval/plots2"}}))
+    assert params.paths.data_stats == "data/eval_stats.json"
+
+
+def test_project_files_cover_every_tracked_top_level_name():
+    """PROJECT_FILES (no output path may be or lie in one) lists every top-level name git tracks here."""
+    import subprocess
+
+    from laser.config import PROJECT_FILES
+
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        pytest.skip("not a git checkout")
+    assert {line.split("/", 1)[0] for line in out.stdout.splitlines()} <= PROJECT_FILES
+
+
+def test_yaml_1_2_floats_as_dvc_exp_run_set_param_writes_them(tmp_path):
+    """``dvc exp run -S train.lr=1e-5`` (README) writes ``lr: 1e-05``, which YAML 1.1 (PyYAML) reads as a string.
+    This applies the override with DVC's own code path for ``-S`` and loads the result."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(path, ["train.lr=1e-5", "self_reward.beta_v=2E-1", "verifier.timeout_s=1e1",
+                           "flow.retry_delay_s=.5"])
+    assert "lr: 1e-05" in path.read_text()  # the form PyYAML alone would read as '1e-05'
+    params = load_params(path)
+    assert params.train.lr == 1e-5 and params.self_reward.beta_v == 0.2 and params.verifier.timeout_s == 10.0
+    assert params.flow.retry_delay_s == 0.5
+    more = tmp_path / "more.yaml"
+    more.write_text("self_reward:\n  alpha: 1E-1\n  tau: -1.0e+0\ntrain:\n  steps: 1_0\n")
+    with pytest.raises(ParamsError, match=r"self_reward\.tau = -1\.0 "):  # a number, judged as one
+        load_params(more)
+    more.write_text("self_reward:\n  alpha: 1E-1\ntrain:\n  steps: 10\n  adv_eps: 1e-8\n")
+    params = load_params(more)
+    assert params.self_reward.alpha == 0.1 and params.train.steps == 10 and params.train.adv_eps == 1e-8
+    assert isinstance(params.train.steps, int)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("train: [1, 2\n")
@@ -86,6 +137,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_params(bad)
     with pytest.raises(ParamsError, match="file not found"):
         load_params(tmp_path / "nope.yaml")
+    bad.write_text("train:\n  steps: " + "9" * 5000 + "\n")  # past Python's int digit limit
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
 
 
 def test_params_are_frozen(tmp_path):

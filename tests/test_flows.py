@@ -10,6 +10,7 @@ cannot succeed as configured).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -225,3 +226,103 @@ def test_profile_rewrites_params_and_applies(prefect_api, toy):
         laser_pipeline(repo_root=str(toy), profile="noretry")  # flow.retries: 0, so the fault is final
     assert yaml.safe_load((toy / "params.yaml").read_text())["flow"]["retries"] == 0
     assert runs(toy) == ["a"]
+
+
+# ---------------------------------------------------------------------------------------- the command line (CLI)
+
+HOLD = '''
+import os, time
+from pathlib import Path
+Path("hold.pid").write_text(str(os.getpid()))
+time.sleep(float(os.environ.get("HOLD_S", "60")))
+'''
+
+
+@pytest.fixture
+def cli_project(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A one-stage DVC project (``hold``: writes its PID, sleeps) and an environment for ``python -m
+    flows.pipeline`` in a subprocess: its own PREFECT_HOME, no PREFECT_API_URL (the ephemeral server)."""
+    import os
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    (root / "hold.py").write_text(HOLD)
+    (root / "dvc.yaml").write_text("stages:\n  hold:\n    cmd: python hold.py\n    deps: [hold.py]\n")
+    (root / "params.yaml").write_text("flow:\n  retries: 0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), LASER_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]), DVC_NO_ANALYTICS="1",
+               DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    (tmp_path / "prefect").mkdir()
+    return root, env
+
+
+def test_cli_bad_params_print_only_the_clear_line(cli_project):
+    root, env = cli_project
+    (root / "bad.yaml").write_text("train:\n  lr: fast\n")
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--repo-root", str(root), "--params-file",
+                           "bad.yaml"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["laser-pipeline failed:", f"{root / 'bad.yaml'}: params: train.lr = 'fast' is invalid; "
+                                                "allowed: a finite number"], done.stderr
+    assert not (root / "hold.pid").exists()
+
+
+def _children(pid: int) -> dict[int, str]:
+    """``{pid: command line}`` of the processes whose parent is ``pid`` (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killed_flow_takes_its_ephemeral_api_server_with_it(cli_project):
+    """``kill -9`` of the flow skips Prefect's own cleanup: its temporary uvicorn server used to keep running
+    (re-parented to PID 1), one per killed flow. It is started under a parent watch now and ends within seconds."""
+    import os
+    import signal
+    import time
+
+    root, env = cli_project
+    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--repo-root", str(root)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage_pid, servers = None, []
+    try:
+        deadline = time.monotonic() + 180
+        while not (root / "hold.pid").exists():  # the stage runs: the flow run (and its API server) are up
+            assert flow.poll() is None and time.monotonic() < deadline, "the flow did not reach its stage"
+            time.sleep(0.5)
+        stage_pid = int((root / "hold.pid").read_text())
+        servers = [pid for pid, cmd in _children(flow.pid).items() if "create_app" in cmd]
+        assert len(servers) == 1, _children(flow.pid)
+        flow.kill()
+        flow.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(servers[0]), "the ephemeral API server outlived the killed flow"
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+        if stage_pid is not None:  # dvc and the stage run in their own process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(stage_pid), signal.SIGKILL)
+        for pid in servers:  # a leaked server (the test failed) must not outlive the test either
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

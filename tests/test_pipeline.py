@@ -93,10 +93,11 @@ def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
 
 
 def test_dvc_experiment_with_a_set_param_reruns_train_and_downstream(smoke_repo):
-    out = _run(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "lr3e-3"], smoke_repo).stdout
+    # 1e-5 as the README writes it: DVC writes `lr: 1e-05`, a string to YAML 1.1 (laser.config reads YAML 1.2)
+    out = _run(["dvc", "exp", "run", "-S", "train.lr=1e-5", "-n", "lr1e-5"], smoke_repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "rollout@trained", "evaluate"}
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], smoke_repo).stdout)
     experiments = [exp for rev in shown for exp in rev.get("experiments") or []]
     names = {run["name"] for exp in experiments for run in exp.get("revs") or [] if run.get("name")}
-    assert "lr3e-3" in names, json.dumps(shown)[:2000]
+    assert "lr1e-5" in names, json.dumps(shown)[:2000]

@@ -13,13 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from laser.config import FewShotTurn, PathsParams, PrepareParams, SourceParams
+from laser.config import FewShotTurn, PathsParams, PrepareParams, SourceParams, load_params
 from laser.data import (
     SourceError,
     clean_answer,
     evaluate_expression,
+    expression_key,
     generate_synthetic,
     gsm8k_final_answer,
+    normalize_problem,
+    problem_keys,
     render_prompt,
 )
 from stages.prepare import _BATCH, prepare, schema, write_outputs
@@ -188,7 +191,9 @@ def test_jsonl_field_mapping_rejects_and_duplicates(tmp_path, tiny_tokenizer):
     stats = data.stats["sets"]["train"]
     assert stats["rejected_by_reason"] == {"duplicate_id": 1, "empty_problem": 1, "invalid_json": 1,
                                            "missing_answer": 1, "not_an_object": 1}
-    assert stats["duplicates_of_eval_removed"] == 1 and stats["rows_read"] == 10
+    assert stats["held_out_removed"] == {"mine": 1} and stats["rows_read"] == 10
+    assert data.stats["held_out"]["mine"] == {"train_rows_removed": 1, "eval_rows_removed_as_few_shot": 0,
+                                              "overlap_with_train": 0, "overlap_with_few_shot": 0}
     assert stats["reject_fraction"] == pytest.approx(5 / 10)
     by_line = {r["line"]: r["reason"] for r in data.rejects}
     assert by_line == {2: "invalid_json", 3: "empty_problem", 4: "missing_answer", 6: "duplicate_of_eval",
@@ -206,6 +211,91 @@ def test_invalid_utf8_rejects_its_line_only(tmp_path, tiny_tokenizer):
     assert [(r["line"], r["reason"]) for r in data.train.rejects] == [(2, "invalid_utf8")]
 
 
+def test_bom_and_rows_json_cannot_hold_are_rejects_not_crashes(tmp_path):
+    """A UTF-8 BOM is not part of the first row; an int past Python's 4300-digit limit (ValueError) and 100,000
+    nested '[' (RecursionError) reject their line and the rows after them are read."""
+    from laser.data import Reject, Row, read_jsonl
+
+    train = tmp_path / "t.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + b'{"problem": "first?", "answer": 1}\n'
+                      + b'{"problem": "huge?", "answer": ' + b"7" * 5000 + b"}\n"
+                      + b"[" * 100_000 + b"\n"
+                      + b'{"problem": "last?", "answer": 2}\n')
+    items = list(read_jsonl(train, SourceParams(kind="jsonl", path=str(train)), "t"))
+    assert [(i.line, i.problem) for i in items if isinstance(i, Row)] == [(1, "first?"), (4, "last?")]
+    assert [(i.line, i.reason) for i in items if isinstance(i, Reject)] == [(2, "invalid_json"), (3, "invalid_json")]
+    huge = next(i for i in items if isinstance(i, Reject))
+    assert "digits" in huge.detail and len(huge.detail) <= 200
+
+    from laser.data import _row_from_record
+
+    reject = _row_from_record({"problem": "p", "answer": 10**5000}, 1, SourceParams(kind="parquet", path="x"), "x")
+    assert isinstance(reject, Reject) and reject.reason == "invalid_answer"
+
+
+def _stage_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _stage_project(tmp_path: Path, repo_cache: Path, train: dict | None = None, **paths) -> Path:
+    params = {"paths": {"cache_dir": str(repo_cache), **paths}, "model": {"name": "tiny-random"},
+              "prepare": {"train": train or {"kind": "synthetic", "num_problems": 20},
+                          "eval_sets": {"syn": {"kind": "synthetic", "num_problems": 5, "seed": 3, "split": "test"}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def _run_prepare(project: Path, runner=None, **kwargs):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "stages.prepare", "--params", "params.yaml"]
+    options = {"cwd": project, "env": _stage_env(), "capture_output": True, "text": True, "timeout": 300}
+    return runner(cmd, **kwargs, **options) if runner else subprocess.run(cmd, **options)
+
+
+def test_stage_reads_a_bom_file_past_rows_json_cannot_hold(tmp_path, tiny_model_dir, repo_cache):
+    """The real stage: before, the 5000-digit answer crashed it (exit 1, traceback, no stats, no later row)."""
+    rows = [b'{"problem": "Count the stars in sky %d.", "answer": %d}\n' % (i, i) for i in range(60)]
+    (tmp_path / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + rows[0] + b'{"problem": "x", "answer": ' + b"7" * 5000
+                                           + b"}\n" + b"[" * 100_000 + b"\n" + b"".join(rows[1:]))
+    project = _stage_project(tmp_path, repo_cache, {"kind": "jsonl", "path": "train.jsonl"})
+    done = _run_prepare(project)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())["sets"]["train"]
+    assert stats["rows"] == 60 and stats["rejected_by_reason"] == {"invalid_json": 2}
+    assert pq.read_table(tmp_path / "data" / "train.parquet").column("answer").to_pylist()[0] == "0"  # BOM row
+    rejects = [json.loads(line) for line in (tmp_path / "data" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects if r["set"] == "train"] == [(2, "invalid_json"),
+                                                                                  (3, "invalid_json")]
+
+
+def test_stage_with_a_read_only_data_dir_fails_for_good_in_one_line(tmp_path, tiny_model_dir, repo_cache,
+                                                                    readonly_run):
+    """Before: a PermissionError traceback, exit 1, which the flow retried three times."""
+    project = _stage_project(tmp_path, repo_cache)
+    (project / "data").mkdir()
+    done = _run_prepare(project, readonly_run, readonly=[project / "data"])
+    assert done.returncode == 3, done.stderr  # laser.cli.PERMANENT_EXIT: not retried
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "data/stats.json" in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_stage_refuses_output_paths_that_are_project_files(tmp_path, tiny_model_dir, repo_cache):
+    """Before: `paths.data_stats: params.yaml` replaced the params with the stats (exit 0)."""
+    project = _stage_project(tmp_path, repo_cache, data_stats="params.yaml")
+    before = (project / "params.yaml").read_text()
+    done = _run_prepare(project)
+    assert done.returncode == 2, done.stderr  # laser.cli.BAD_PARAMS_EXIT, at params load
+    assert "paths.data_stats" in done.stderr and "project's own files" in done.stderr
+    assert (project / "params.yaml").read_text() == before and not (project / "data").exists()
+
+
 def test_reject_limit_fails_but_writes_stats_and_rejects(tmp_path, tiny_tokenizer, monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", ["{bad", {"problem": "ok?", "answer": "1"}])
     params = small(train=SourceParams(kind="jsonl", path=str(train)), max_reject_fraction=0.2)
@@ -217,7 +307,8 @@ def test_reject_limit_fails_but_writes_stats_and_rejects(tmp_path, tiny_tokenize
     write_outputs(data, paths)
     assert not Path(paths.train_data).exists()
     assert json.loads(Path(paths.data_stats).read_text())["ok"] is False
-    assert [json.loads(x)["reason"] for x in Path(paths.data_rejects).read_text().splitlines()] == ["invalid_json"]
+    rejects = [json.loads(x) for x in Path(paths.data_rejects).read_text().splitlines()]
+    assert [r["reason"] for r in rejects if r["set"] == "train"] == ["invalid_json"]
 
 
 def test_prompt_too_long_and_limit(tmp_path, tiny_tokenizer):
@@ -327,3 +418,63 @@ def test_gsm8k_and_math500_files(shared_data, tiny_tokenizer):
     assert len(data.train.rows) == 300
     assert len(data.eval_sets["math500"].rows) == 500 and len(data.eval_sets["aime24"].rows) == 30
     assert random.Random(0).choice(data.eval_sets["math500"].rows)["id"].startswith("test/")
+
+
+# -------------------------------------------------------------------------------------------------------- held out
+
+
+def _arithmetic_key(problem: str, answer: str) -> tuple:
+    """An independent key (not laser.data's): the numbers in the text, in order, and the answer. For the synthetic
+    one-operation task it fixes the operator too (operands are >= 1, so a + b != a - b)."""
+    return (*[int(x) for x in re.findall(r"\d+", problem)], int(answer))
+
+
+def test_default_eval_set_is_held_out_from_train_and_few_shot(tiny_tokenizer):
+    """The default sets share no (operands, operator) with each other in any wording, and no eval problem is a
+    few-shot turn (before: all 32 eval problems had a twin in train, one was the few-shot "What is 3 + 4?")."""
+    params = load_params(ROOT / "params.yaml").prepare
+    data = prepare(params, tiny_tokenizer)
+    assert not data.errors
+    train = {_arithmetic_key(r["problem"], r["answer"]) for r in data.train.rows}
+    for name, prepared in data.eval_sets.items():
+        keys = [_arithmetic_key(r["problem"], r["answer"]) for r in prepared.rows]
+        assert not set(keys) & train, name
+        few_shot = {normalize_problem(t.user) for t in params.few_shot}
+        assert not {normalize_problem(r["problem"]) for r in prepared.rows} & few_shot
+        held_out = data.stats["held_out"][name]
+        assert held_out["overlap_with_train"] == 0 and held_out["overlap_with_few_shot"] == 0
+        assert held_out["train_rows_removed"] > 0  # the exclusion did work: some draws were twins
+    assert len(data.train.rows) == params.train.num_problems
+
+
+def test_file_sources_are_held_out_up_to_case_spacing_and_latex(tmp_path, tiny_tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"problem": "Find  $x$ if \\, x + 1 = 2.", "answer": "1"},  # the eval problem, other case and spacing
+        {"problem": "Tom has 2 apples and gets 5 more. How many apples does Tom have now?", "answer": "7"},
+        {"problem": "What is 2 + 5?", "answer": "7"},  # same expression as eval row 3, other wording
+        {"problem": "A different problem.", "answer": "3"},
+    ])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [
+        {"problem": "find x if x+1=2.", "answer": "1"},
+        {"problem": "What is 3 + 4?", "answer": "7"},  # the default few-shot turn: its answer is in the prompt
+        {"problem": "Calculate 2 + 5.", "answer": "7"},
+    ])
+    params = small(train=SourceParams(kind="jsonl", path=str(train)),
+                   eval_sets={"mine": SourceParams(kind="jsonl", path=str(evals))}, max_reject_fraction=0.0)
+    data = prepare(params, tiny_tokenizer)
+    assert not data.errors  # held-out removals are not bad rows
+    assert [r["problem"] for r in data.eval_sets["mine"].rows] == ["find x if x+1=2.", "Calculate 2 + 5."]
+    assert [r["problem"] for r in data.train.rows] == [
+        "Tom has 2 apples and gets 5 more. How many apples does Tom have now?", "A different problem."]
+    assert data.stats["held_out"]["mine"] == {"train_rows_removed": 2, "eval_rows_removed_as_few_shot": 1,
+                                              "overlap_with_train": 0, "overlap_with_few_shot": 0}
+    reasons = {(r["set"], r["line"]): (r["reason"], r["overlaps"]) for r in data.rejects}
+    assert reasons == {("train", 1): ("duplicate_of_eval", "mine"), ("train", 3): ("duplicate_of_eval", "mine"),
+                       ("eval/mine", 2): ("duplicate_of_few_shot", "few_shot[0]")}
+
+
+def test_problem_keys_ignore_wording_of_one_expression():
+    assert expression_key([3, 4], ["+"]) in problem_keys("What is 3 + 4?")
+    assert problem_keys("Compute 3+4.") & problem_keys("What is 3 + 4?")
+    assert not problem_keys("What is 4 + 3?") & problem_keys("What is 3 + 4?")
+    assert len(problem_keys("Is 1 + 2 more than 2 + 0?")) == 1  # two expressions: the text key only

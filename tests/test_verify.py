@@ -45,6 +45,16 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
+def test_box_scan_is_linear():
+    """Finding the boxes used to rescan the rest of the text per box (20k boxes: 5 s, 60k: 49 s)."""
+    from laser.verify import _find_boxes
+
+    text = "so \\boxed{1} " * 20_000
+    start = time.monotonic()
+    assert len(_find_boxes(text)) == 20_000
+    assert time.monotonic() - start < 1.0
+
+
 def test_boxed_wraps():
     assert boxed("x+1") == "\\boxed{x+1}"
     assert last_boxed(boxed("\\frac{3}{4}")) == "\\frac{3}{4}"
@@ -97,6 +107,19 @@ def test_single_boxed_gate(pool):
     assert strict[0].pred_answer == "7"  # still reported
 
 
+def test_answer_math_verify_gives_up_on_is_an_error_not_incorrect(pool):
+    """``1+1+...+1`` (5001 terms, correct) is too deep for math-verify's parser, which then compares strings: not
+    a judgement. Malformed LaTeX is still the answer's fault (incorrect), and a short sum is judged."""
+    long_sum = "+".join(["1"] * 5001)
+    verdicts = pool.verify_batch([boxed(long_sum), boxed("x+"), boxed("+".join(["1"] * 50)), "\\boxed{5}"],
+                                 ["5001", "5", "50", "9" * 5000], timeout_s=30)
+    assert [v.status for v in verdicts] == ["error", "incorrect", "correct", "error"]
+    assert "gave up" in verdicts[0].error and "RecursionError" in verdicts[0].error
+    assert verdicts[0].pred_answer == long_sum and verdicts[0].reward == 0
+    assert "gold" in verdicts[3].error
+    assert summarize(verdicts)["error"] == 2
+
+
 def test_unparseable_gold_is_an_error_not_a_silent_zero(pool):
     verdicts = pool.verify_batch(["\\boxed{5}", "\\boxed{5}"], ["}", "5"], timeout_s=TIMEOUT_S)
     assert verdicts[0].status == "error" and "gold" in verdicts[0].error and verdicts[0].reward == 0
@@ -138,6 +161,19 @@ def test_pathological_item_times_out_and_the_rest_is_verified(pool):
     assert elapsed < TIMEOUT_S + 2.0, elapsed  # the stuck worker is killed, not waited on
     # the pool is whole again: the replaced worker serves the next batch
     assert [v.status for v in pool.verify_batch(["\\boxed{2}"] * 3, ["2"] * 3, timeout_s=TIMEOUT_S)] == ["correct"] * 3
+
+
+def test_finding_the_box_is_inside_the_per_item_deadline(pool):
+    """The box scan runs in the worker: a response that takes longer to scan than ``timeout_s`` times out, and a
+    long one within budget (60k boxes) is judged in about its budget, not outside it."""
+    deep = "\\boxed{" + "{}" * 1_000_000 + "} so \\boxed{1}"  # two million braces to balance first
+    slow, fine = pool.verify_batch([deep, "\\boxed{2}"], ["1", "2"], timeout_s=0.02)
+    assert slow.status == "timeout" and slow.pred_answer is None
+    assert fine.status == "correct"
+    many = "\\boxed{7} " * 60_000
+    start = time.monotonic()
+    assert pool.verify_batch([many], ["7"], timeout_s=TIMEOUT_S)[0].status == "correct"
+    assert time.monotonic() - start < TIMEOUT_S + 1.0
 
 
 def test_worker_killed_mid_item_gives_error(pool):
