@@ -278,6 +278,7 @@ class TrainParams:
     grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
     clip_low: float = 0.2
     clip_high: float = 0.28
+    clip_ratio_c: float | None = 3.0  # dual clip (verl): a token's loss with A < 0 is at most c·|A|; null: off
     kl_coef: float = 0.0
     adv_eps: float = 1e-6
     scale_adv_by_std: bool = True
@@ -301,6 +302,8 @@ class TrainParams:
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _require(0 <= self.clip_low < 1, "train.clip_low", self.clip_low, "a number in [0, 1)")
         _require(self.clip_high >= 0, "train.clip_high", self.clip_high, "a number >= 0")
+        _require(self.clip_ratio_c is None or self.clip_ratio_c > 1, "train.clip_ratio_c", self.clip_ratio_c,
+                 "a number > 1 (the dual clip bound on ρ for A < 0), or null for none")
         _require(self.kl_coef >= 0, "train.kl_coef", self.kl_coef, "a number >= 0")
         _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip,
                  "a number > 0, or null for no clipping")

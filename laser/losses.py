@@ -9,7 +9,11 @@ so each class carries half the loss whatever the class balance. Departures and c
 - Normalisers (token count, class counts) may be passed in as *global* counts: then the sum of the losses of
   data-parallel shards equals the loss of the whole batch, and so do the gradients (tests/test_core_math.py).
 - GRPO uses the token-mean over the whole batch (DAPO's "token-level" mean) with asymmetric clipping
-  (ε_low, ε_high) and an optional k3 ("low-variance") KL term whose coefficient defaults to 0, as in the paper.
+  (ε_low, ε_high), verl's dual clip (the loss of a token with A < 0 is at most c·|A|, c = 3) and the log-ratio
+  clamped to ±20 before exp (a stale ratio can overflow to inf and make the gradient NaN), and an optional k3
+  ("low-variance") KL term whose coefficient defaults to 0, as in the paper.
+- L_SR is divided by N_c + N_i (finished responses, as the paper's Eq. 8); the official code divides by all
+  rollouts, truncated ones included, so its term is ours times the finished fraction.
 - ``self_reward_sft_loss`` is the ablation of paper §5: z_c for correct and a second token z_i for incorrect
   responses, trained with class-weighted cross-entropy over the full vocabulary.
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 import torch
 
 from laser.score import self_reward_score
+
+LOG_RATIO_LIMIT = 20.0  # |log π/π_old| beyond this is clamped: exp(20) ≈ 5e8 still fits, exp(100) overflows
 
 
 def _as_float(t: torch.Tensor) -> float:
@@ -33,11 +39,13 @@ def grpo_policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     *,
+    clip_ratio_c: float | None = 3.0,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate  −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)  token-mean over the batch (+ β_KL·k3).
+    """Clipped surrogate  −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)  token-mean over the batch (+ β_KL·k3);
+    for A < 0 also dual-clipped at −c·A (verl's ``clip_ratio_c``; None: off). log ρ is clamped to ±20.
 
     logprobs, old_logprobs, ref_logprobs: (B, T) log π of each response token (any layout, aligned with mask).
     advantages: (B,) one advantage per response, broadcast over its tokens.
@@ -48,17 +56,19 @@ def grpo_policy_loss(
     mask = response_mask.to(logprobs.dtype)
     denom = mask.sum().clamp(min=1.0) if num_tokens is None else torch.tensor(max(float(num_tokens), 1.0))
     log_ratio = (logprobs - old_logprobs) * mask  # masked first: a pad position can never overflow exp()
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
     adv = advantages.unsqueeze(1)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    metrics = {"clip_frac": _as_float(((clipped > unclipped).to(mask.dtype) * mask).sum() / denom)}
+    if clip_ratio_c is not None:
+        dual = torch.minimum(per_token, -adv * clip_ratio_c)
+        dual_clipped = (adv < 0) & (dual < per_token)
+        per_token = torch.where(adv < 0, dual, per_token)
+        metrics["dual_clip_frac"] = _as_float((dual_clipped.to(mask.dtype) * mask).sum() / denom)
     pg_loss = (per_token * mask).sum() / denom
-    metrics = {
-        "pg_loss": _as_float(pg_loss),
-        "clip_frac": _as_float(((clipped > unclipped).to(mask.dtype) * mask).sum() / denom),
-        "approx_kl": _as_float((-log_ratio * mask).sum() / denom),
-    }
+    metrics.update(pg_loss=_as_float(pg_loss), approx_kl=_as_float((-log_ratio * mask).sum() / denom))
     loss = pg_loss
     if ref_logprobs is not None and kl_coef > 0:
         delta = (ref_logprobs - logprobs) * mask

@@ -33,10 +33,12 @@ from laser.batch import PolicyBatch, collate, policy_forward
 from laser.config import Params
 from laser.generation import HFGenerator, Sampling
 from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft_loss
-from laser.metrics import self_verification
+from laser.metrics import auroc, self_verification
 from laser.rollouts import SelfRewardConfig
 from laser.schedule import Phase, warmup_phase
 from laser.verify import UNJUDGED, summarize, verify_batch
+
+STEP_NORMALISED = ("self_reward_mse", "self_reward_sft")  # losses divided by the step's class counts
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,8 @@ class LaserTrainer:
         advantages, metrics = grpo_advantages(rollout.rewards, k, self.train.adv_eps, self.train.scale_adv_by_std,
                                               valid=rollout.judged)
         if phase.advantage_integration and self.params.self_reward.enabled:
-            a_s, score_std = self_reward_advantages(rollout.old_scores, rollout.finished, k, self.train.adv_eps,
-                                                    self.train.scale_adv_by_std)
+            # A_s is always divided by its group std (as the official code), whatever scale_adv_by_std says of A_v
+            a_s, score_std = self_reward_advantages(rollout.old_scores, rollout.finished, k, self.train.adv_eps)
             sr = self.params.self_reward
             advantages, mix = integrate_advantages(advantages, a_s, score_std, sr.tau, sr.std_threshold)
             metrics.update(mix)
@@ -141,14 +143,20 @@ class LaserTrainer:
     def train_on(self, rollout: Rollout, advantages: torch.Tensor, phase: Phase) -> dict:
         batch = self.policy_batch(rollout)
         old_logprobs = self._old_logprobs(batch)
+        class_counts = self._step_class_counts(batch, rollout.rewards)
         per_rank = self.train.mini_batch_size // self.world_size
         metrics: list[dict] = []
         for _ in range(self.train.ppo_epochs):
             for start in range(0, len(rollout.responses), per_rank):
                 rows = slice(start, start + per_rank)
                 metrics.append(self._mini_batch(batch.select(rows), rollout.rewards[rows], advantages[rows],
-                                                None if old_logprobs is None else old_logprobs[rows], phase))
-        return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+                                                None if old_logprobs is None else old_logprobs[rows], phase,
+                                                class_counts))
+        # The self-reward losses are normalised by the step's N_c + N_i: per epoch they add up over mini-batches
+        # to the step's loss; every other metric is a per-mini-batch mean.
+        epochs = self.train.ppo_epochs
+        return {key: sum(m[key] for m in metrics) / (epochs if key in STEP_NORMALISED else len(metrics))
+                for key in metrics[0]}
 
     @property
     def _temperature(self) -> float:
@@ -169,17 +177,26 @@ class LaserTrainer:
                  for i in range(0, len(batch.finished), micro)]
         return _cat_padded(parts)
 
-    def _global_counts(self, batch: PolicyBatch, rewards: torch.Tensor) -> dict:
-        counts = torch.tensor([float(batch.response_mask.sum()),
-                               float((batch.has_slot & (rewards > 0.5)).sum()),
-                               float((batch.has_slot & (rewards <= 0.5)).sum())], dtype=torch.float64,
-                              device=self.engine.device)  # nccl reduces only device tensors
-        if self.world_size > 1:
-            torch.distributed.all_reduce(counts)
-        return {"num_tokens": counts[0].item(), "num_correct": counts[1].item(), "num_incorrect": counts[2].item()}
+    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sums over ranks (a no-op in a world of 1); float64 on the engine's device (nccl reduces only those)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
 
-    def _mini_batch(self, batch: PolicyBatch, rewards, advantages, old_logprobs, phase: Phase) -> dict:
-        counts = self._global_counts(batch, rewards)
+    def _step_class_counts(self, batch: PolicyBatch, rewards: torch.Tensor) -> dict:
+        """N_c, N_i of the whole step (every mini-batch, every rank), as the paper and the official code take
+        them: the class weights of the self-reward loss are fixed for the step, whatever the mini-batching."""
+        n_c, n_i = self._all_reduce_sum([float((batch.has_slot & (rewards > 0.5)).sum()),
+                                         float((batch.has_slot & (rewards <= 0.5)).sum())])
+        return {"num_correct": n_c, "num_incorrect": n_i}
+
+    def _mini_batch(self, batch: PolicyBatch, rewards, advantages, old_logprobs, phase: Phase,
+                    class_counts: dict) -> dict:
+        """One optimizer step; the token count normalising the policy loss is this mini-batch's (all ranks)."""
+        (num_tokens,) = self._all_reduce_sum([float(batch.response_mask.sum())])
+        counts = {"num_tokens": num_tokens, **class_counts}
         micro = self.train.micro_batch_size
         sums: dict[str, float] = {}
         for start in range(0, len(rewards), micro):
@@ -192,10 +209,8 @@ class LaserTrainer:
             self.engine.step()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        if self.world_size > 1:  # each rank holds its share of globally normalised sums: add them up
-            values = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.engine.device)
-            torch.distributed.all_reduce(values)
-            sums = dict(zip(sums, values.tolist()))
+        # each rank holds its share of globally normalised sums: add them up
+        sums = dict(zip(sums, self._all_reduce_sum(list(sums.values()))))
         sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         sums["lr"] = float(self.engine.get_lr()[0])
         return sums
@@ -211,7 +226,8 @@ class LaserTrainer:
         old = token_logprobs.detach() if old_logprobs is None else old_logprobs[:, :token_logprobs.shape[1]]
         ref = self._ref_logprobs(batch) if self.train.kl_coef > 0 else None
         pg_loss, metrics = grpo_policy_loss(token_logprobs, old, advantages, batch.response_mask,
-                                            self.train.clip_low, self.train.clip_high, ref_logprobs=ref,
+                                            self.train.clip_low, self.train.clip_high,
+                                            clip_ratio_c=self.train.clip_ratio_c, ref_logprobs=ref,
                                             kl_coef=self.train.kl_coef, num_tokens=counts["num_tokens"])
         finished = batch.has_slot
         class_counts = {"num_correct": counts["num_correct"], "num_incorrect": counts["num_incorrect"]}
@@ -222,7 +238,9 @@ class LaserTrainer:
                                                        sr.beta_v, **class_counts)
         use_sr = sr.enabled and phase.self_reward_loss
         loss = pg_loss + sr.alpha * sr_loss if use_sr else pg_loss
-        keep = ("pg_loss", "clip_frac", "approx_kl", "kl", "self_reward_mse", "self_reward_sft")
+        # the self-reward loss is logged only while it is on (null in the step log otherwise: GRPO-only, warm-up)
+        keep = ("pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "kl",
+                *(("self_reward_mse", "self_reward_sft") if use_sr else ()))
         merged = {k: v for k, v in {**metrics, **sr_metrics}.items() if k in keep}
         return loss, merged
 
@@ -240,12 +258,13 @@ def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def rollout_metrics(rollout: Rollout, threshold: float = 0.5) -> dict:
-    """Batch-level numbers for the step log: rewards, lengths, self-verification of π_old's scores (over the
-    samples the verifier judged: an unjudged one has no label to check the score against)."""
+    """Batch-level numbers for the step log: rewards, lengths, self-verification of π_old's scores over the
+    finished samples the verifier judged (a truncated one has no score, as in the official metric; an unjudged
+    one has no label to check the score against)."""
     correct = rollout.rewards > 0.5
-    scores = torch.where(rollout.finished, rollout.old_scores, torch.zeros_like(rollout.old_scores))
-    judged = rollout.judged
-    sv = self_verification(scores[judged].numpy(), correct[judged].numpy(), threshold)
+    scored = rollout.judged & rollout.finished
+    scores = rollout.old_scores
+    sv = self_verification(scores[scored].numpy(), correct[scored].numpy(), threshold)
     lengths = torch.tensor([float(len(r)) for r in rollout.responses])
 
     def mean_or_none(values: torch.Tensor) -> float | None:
@@ -256,8 +275,9 @@ def rollout_metrics(rollout: Rollout, threshold: float = 0.5) -> dict:
         "finished_frac": float(rollout.finished.float().mean()),
         "response_length": float(lengths.mean()),
         "sv_acc_correct": sv["acc_correct"], "sv_acc_incorrect": sv["acc_incorrect"], "sv_f1": sv["f1"],
-        "score_mean_correct": mean_or_none(scores[correct & rollout.finished & judged]),
-        "score_mean_incorrect": mean_or_none(scores[~correct & rollout.finished & judged]),
+        "sv_auroc": auroc(scores[scored].numpy(), correct[scored].numpy()),
+        "score_mean_correct": mean_or_none(scores[correct & scored]),
+        "score_mean_incorrect": mean_or_none(scores[~correct & scored]),
         "verify_timeouts": rollout.verdict_counts.get("timeout", 0),
         "verify_errors": rollout.verdict_counts.get("error", 0),
         "num_tokens_generated": int(lengths.sum()),

@@ -80,16 +80,40 @@ def test_grpo_loss_token_mean_over_batch_and_kl():
     assert loss_kl.item() == pytest.approx(0.5 * (1 - math.log(2.0)))
 
 
-def _grpo_loop_reference(logprobs, old, adv, mask, lo, hi):
+def _grpo_loop_reference(logprobs, old, adv, mask, lo, hi, c=None):
     total, count = 0.0, 0
     for b in range(len(logprobs)):
         for t in range(len(logprobs[0])):
             if mask[b][t]:
-                ratio = math.exp(logprobs[b][t] - old[b][t])
+                ratio = math.exp(min(max(logprobs[b][t] - old[b][t], -20.0), 20.0))
                 clipped = min(max(ratio, 1 - lo), 1 + hi)
-                total += max(-adv[b] * ratio, -adv[b] * clipped)
+                loss = max(-adv[b] * ratio, -adv[b] * clipped)
+                if c is not None and adv[b] < 0:
+                    loss = min(loss, -adv[b] * c)
+                total += loss
                 count += 1
     return total / count
+
+
+def test_dual_clip_bounds_a_negative_advantage_token():
+    """log ρ = 5, A = -0.5: the plain clipped loss is e^5 · 0.5 = 74.2; the dual clip caps it at c·|A| = 1.5."""
+    logprobs, old, mask = torch.tensor([[5.0]]), torch.zeros(1, 1), torch.ones(1, 1)
+    plain, _ = grpo_policy_loss(logprobs, old, torch.tensor([-0.5]), mask, clip_ratio_c=None)
+    assert plain.item() == pytest.approx(0.5 * math.exp(5))
+    dual, metrics = grpo_policy_loss(logprobs, old, torch.tensor([-0.5]), mask, clip_ratio_c=3.0)
+    assert dual.item() == pytest.approx(1.5) and metrics["dual_clip_frac"] == 1.0
+    positive, _ = grpo_policy_loss(logprobs, old, torch.tensor([0.5]), mask, clip_ratio_c=3.0)
+    assert positive.item() == pytest.approx(-0.5 * 1.28)  # A > 0: the ordinary clip, untouched
+
+
+def test_huge_log_ratio_gives_a_finite_loss_and_gradient():
+    logprobs = torch.tensor([[100.0, -100.0]], requires_grad=True)
+    for adv in (1.0, -1.0):
+        for c in (None, 3.0):
+            loss, _ = grpo_policy_loss(logprobs, torch.zeros(1, 2), torch.tensor([adv]), torch.ones(1, 2),
+                                       clip_ratio_c=c)
+            (grad,) = torch.autograd.grad(loss, logprobs)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), (adv, c)
 
 
 def _random_size(g: torch.Generator, low: int, high: int) -> int:
@@ -101,12 +125,13 @@ def test_grpo_loss_matches_loop_reference(seed):
     g = torch.Generator().manual_seed(seed)
     b, t = _random_size(g, 1, 9), _random_size(g, 1, 17)  # random shapes, seeded
     logprobs = -torch.rand(b, t, generator=g, dtype=torch.float64)
-    old = logprobs + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    old = logprobs + 1.5 * torch.randn(b, t, generator=g, dtype=torch.float64)  # some ratios > c
     adv = torch.randn(b, generator=g, dtype=torch.float64)
     mask = torch.rand(b, t, generator=g) > 0.3
-    loss, _ = grpo_policy_loss(logprobs, old, adv, mask, 0.2, 0.28)
-    ref = _grpo_loop_reference(logprobs.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28)
-    assert loss.item() == pytest.approx(ref, rel=1e-10)
+    for c in (None, 3.0):
+        loss, _ = grpo_policy_loss(logprobs, old, adv, mask, 0.2, 0.28, clip_ratio_c=c)
+        ref = _grpo_loop_reference(logprobs.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, c)
+        assert loss.item() == pytest.approx(ref, rel=1e-10)
 
 
 # ------------------------------------------------------------------------------------------------ self-reward losses

@@ -130,7 +130,7 @@ def test_grpo_only_and_laser_differ_by_alpha_mse(make_trainer, repo_cache):
     batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), trainer.tokens.z_c_id,
                     trainer.tokenizer.pad_token_id)
     advantages = torch.linspace(-1, 1, len(rollout.responses))
-    counts = trainer._global_counts(batch, rollout.rewards)
+    counts = {"num_tokens": float(batch.response_mask.sum()), **trainer._step_class_counts(batch, rollout.rewards)}
     laser_loss, metrics = trainer._micro_loss(batch, rollout.rewards, advantages, None, Phase(True, True), counts)
     trainer.params = baseline_params
     grpo_loss, _ = trainer._micro_loss(batch, rollout.rewards, advantages, None, Phase(True, True), counts)
@@ -340,3 +340,54 @@ def test_step_log_self_verification_counts_judged_samples_only():
     assert m["sv_f1"] == pytest.approx(2 / 3)
     assert m["score_mean_incorrect"] == pytest.approx(0.2) and m["score_mean_correct"] == pytest.approx(0.6)
     assert m["verify_timeouts"] == 1 and m["reward_mean"] == 0.5
+    assert m["sv_auroc"] == 1.0  # both correct scores (0.9, 0.3) above the judged incorrect one (0.2)
+
+
+def test_step_log_self_verification_leaves_truncated_samples_out():
+    """The official metric scores finished samples only; before, a truncated one counted as score 0 (verified
+    incorrect), which flattered acc_incorrect."""
+    from laser.trainer import rollout_metrics
+
+    finished = torch.tensor([True, True, False, False])
+    rollout = Rollout([[1]] * 4, [[2, 3]] * 4, finished, torch.tensor([1.0, 0.0, 0.0, 1.0]),
+                      torch.tensor([0.9, 0.7, 0.0, 0.0]), {}, torch.ones(4, dtype=torch.bool))
+    m = rollout_metrics(rollout)
+    assert (m["sv_acc_correct"], m["sv_acc_incorrect"], m["sv_f1"]) == (1.0, 0.0, 0.0)
+
+
+def test_class_counts_are_taken_once_per_step_over_all_mini_batches(make_trainer, repo_cache):
+    """Two mini-batches with different class balance: the self-reward loss weights each sample with the step's
+    N_c, N_i (as the paper and the official code), so the mini-batch losses add up to the step's class-weighted
+    MSE. With per-mini-batch counts (before) they did not."""
+    from laser.losses import self_reward_mse_loss
+
+    trainer = make_trainer(lr=1e-12)  # parameters practically fixed: both mini-batches see the same model
+    rollout = _fixed_rollout(trainer)
+    assert len(rollout.responses) == 2 * trainer.train.mini_batch_size
+    rollout.rewards = torch.tensor([1.0] * 7 + [0.0] + [1.0] + [0.0] * 7)  # 7:1, then 1:7
+    z_c = _z_c_logprobs(trainer, rollout)
+    expected, _ = self_reward_mse_loss(z_c, rollout.rewards, rollout.finished, trainer.tokens.c_ref, 0.1)
+    got = trainer.train_on(rollout, torch.zeros(len(rollout.rewards)), Phase(True, False))["self_reward_mse"]
+    assert got == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_self_reward_advantages_are_normalised_even_without_std_scaling(make_trainer):
+    """scale_adv_by_std: false is Dr. GRPO for A_v only; the official code always divides A_s by its group std."""
+    from laser.advantages import integrate_advantages, self_reward_advantages
+
+    trainer = make_trainer(scale_adv_by_std=False)
+    rollout = _fixed_rollout(trainer)
+    rollout.old_scores = torch.linspace(0.0, 1.0, len(rollout.rewards))
+    advantages, _ = trainer.advantages(rollout, Phase(True, True))
+    a_v, _ = grpo_advantages(rollout.rewards, 4, trainer.train.adv_eps, scale_by_std=False)
+    a_s, std = self_reward_advantages(rollout.old_scores, rollout.finished, 4, trainer.train.adv_eps)
+    expected, _ = integrate_advantages(a_v, a_s, std, 0.1, 0.1)
+    assert advantages.tolist() == pytest.approx(expected.tolist())
+    assert a_s.view(-1, 4).std(dim=1).tolist() == pytest.approx([1.0] * 4, rel=1e-4)
+
+
+def test_grpo_only_step_logs_no_self_reward_mse(make_trainer, repo_cache):
+    params = _params(repo_cache)
+    trainer = make_trainer(replace(params, self_reward=replace(params.self_reward, enabled=False)))
+    record = run_step(trainer, 1)
+    assert record["self_reward_mse"] is None and record["self_reward_loss_on"] is False
