@@ -256,11 +256,14 @@ class RefConstantParams:
     samples_per_prompt: int = 4
     seed: int = 0
     noise_warning: float = 0.1  # warn when beta_v * std(log pi_ref(z_c)) exceeds this
+    # z_c must leave room for a score of 1: c_ref + 1/beta_v <= -headroom_margin (nats; see laser.score)
+    headroom_margin: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.num_prompts > 0, "ref_constant.num_prompts", self.num_prompts, "an int > 0")
         _require(self.samples_per_prompt > 0, "ref_constant.samples_per_prompt", self.samples_per_prompt,
                  "an int > 0")
+        _require(self.headroom_margin >= 0, "ref_constant.headroom_margin", self.headroom_margin, "a number >= 0")
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,15 @@ def self_reward_score(z_c_logprob: torch.Tensor, c_ref: float, beta_v: float) ->
     return beta_v * (z_c_logprob - c_ref)
 
 
+def score_headroom(c_ref: float, beta_v: float) -> float:
+    """How far below 0 the log-prob a score of 1 needs lies: −(c_ref + 1/β_v), in nats.
+
+    A score of 1 needs log π(z_c) = c_ref + 1/β_v; a log-prob is at most 0, so with headroom ≤ 0 the target of a
+    correct answer cannot be reached, and once c_ref > −0.5/β_v not even 0.5 can (every answer reads incorrect).
+    """
+    return -(c_ref + 1.0 / beta_v)
+
+
 def clip_score(score: torch.Tensor) -> torch.Tensor:
     """The test-time score: r_s clipped to [0, 1]; > 0.5 means self-verified correct.   (B,) -> (B,)"""
     return score.clamp(0.0, 1.0)

@@ -7,8 +7,9 @@ self_reward_token, self_reward_token_id, c_ref, beta_v, plus std, min, max, n, t
 and a warning when it exceeds ``ref_constant.noise_warning``) and ``paths.ref_logprobs`` (CSV, DVC plot data).
 
 ``self_reward.token: auto`` probes every candidate token (special/added tokens that are not EOS/BOS/PAD and not
-in the chat template) in the same generation pass and picks the one whose log-prob after EOS has the smallest
-std: the steadier c_ref, the less noise in r_s at step 0.
+in the chat template) in the same generation pass and picks, among those whose c_ref leaves room for a score of 1
+(c_ref + 1/β_v ≤ −``ref_constant.headroom_margin``), the one whose log-prob after EOS has the smallest std: the
+steadier c_ref, the less noise in r_s at step 0. A named token that leaves no such room is an error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from laser.io import atomic_write_json, atomic_write_text
 from laser.models import reserved_tokens, token_id, z_c_candidates
 from laser.rollouts import read_problems, tokenize_prompts
 from laser.runtime import base_model_dir, load_generator, sampling
+from laser.score import score_headroom
 
 
 def candidate_tokens(tokenizer, token: str, incorrect_token: str | None = None) -> list[str]:
@@ -51,6 +53,24 @@ def summarize_candidates(tokens: list[str], token_ids: list[int], probe_rows: li
     return stats
 
 
+def choose_z_c(stats: list[dict], beta_v: float, margin: float, auto: bool) -> int:
+    """The index of z_c among the candidates: the steadiest (smallest std) of those whose c_ref leaves room for a
+    score of 1 (:func:`laser.score.score_headroom` >= ``margin``). A likely token has a small std but a c_ref
+    near 0, where no answer could ever score 1. A named token (``auto`` False) must pass the same test."""
+    fits = [j for j, s in enumerate(stats) if score_headroom(s["mean"], beta_v) >= margin]
+    if not fits:
+        worst = stats[0] if not auto else max(stats, key=lambda s: s["mean"])
+        which = f"self_reward.token {worst['token']!r}" if not auto else f"none of the {len(stats)} candidates"
+        room = -worst["mean"] - margin  # 1/beta_v may be at most this
+        fix = (f"raise self_reward.beta_v to at least {1 / room:.3g}, or " if room > 0 else "") + \
+            "name a rarer token in self_reward.token"
+        raise StageError(
+            f"{which}: c_ref = {worst['mean']:.2f} leaves no room for a score of 1 at beta_v = {beta_v} (it needs "
+            f"log pi(z_c) = c_ref + 1/beta_v = {worst['mean'] + 1 / beta_v:.2f} <= -{margin}, "
+            f"ref_constant.headroom_margin): {fix}")
+    return min(fits, key=lambda j: stats[j]["std"])
+
+
 def ref_constant(params: Params, generator, tokenizer, problems: list[dict]) -> tuple[dict, list[float]]:
     """Sample reference rollouts, probe the candidate tokens after EOS; returns (summary, z_c log-probs)."""
     cfg, sr = params.ref_constant, params.self_reward
@@ -65,7 +85,7 @@ def ref_constant(params: Params, generator, tokenizer, problems: list[dict]) -> 
         raise StageError(f"none of {len(completions)} reference rollouts finished with EOS within "
                          f"generation.max_new_tokens={params.generation.max_new_tokens}: raise it")
     stats = summarize_candidates(tokens, ids, probe_rows)
-    best = min(range(len(stats)), key=lambda j: stats[j]["std"])
+    best = choose_z_c(stats, sr.beta_v, cfg.headroom_margin, auto=sr.token == "auto")
     z_c = stats[best]
     noise = sr.beta_v * z_c["std"]
     summary = {

@@ -206,3 +206,27 @@ def test_training_logprobs_follow_the_sampling_temperature_and_z_c_does_not(tiny
             assert [z_c_hot[r].item(), z_i_hot[r].item()] == pytest.approx(c.probe_logprobs, abs=1e-4)
         else:
             assert z_c_hot[r].item() == 0.0
+
+
+def _candidate(token: str, mean: float, std: float) -> dict:
+    return {"token": token, "token_id": 0, "mean": mean, "std": std, "min": mean, "max": mean}
+
+
+def test_auto_z_c_skips_a_steady_but_likely_token():
+    """A likely token (log-prob near 0) is steady, so std alone picked it; yet with c_ref = -2 a score of 1 needs
+    log π(z_c) = 8 > 0 at β_v = 0.1: no correct answer could reach its target."""
+    from stages.ref_constant import choose_z_c
+
+    stats = [_candidate("likely", -2.0, 0.1), _candidate("rare", -25.0, 0.8), _candidate("rarer", -30.0, 1.5)]
+    assert choose_z_c(stats, beta_v=0.1, margin=1.0, auto=True) == 1
+    assert choose_z_c(stats, beta_v=1.0, margin=1.0, auto=True) == 0  # at β_v = 1 a score of 1 needs -1: room
+
+
+def test_named_z_c_without_room_for_a_score_of_1_is_an_error_naming_the_fix():
+    from laser.cli import StageError
+    from stages.ref_constant import choose_z_c
+
+    with pytest.raises(StageError, match=r"'likely'.*c_ref = -5.00.*raise self_reward.beta_v to at least 0.25"):
+        choose_z_c([_candidate("likely", -5.0, 0.1)], beta_v=0.1, margin=1.0, auto=False)
+    with pytest.raises(StageError, match=r"none of the 1 candidates.*name a rarer token"):
+        choose_z_c([_candidate("likely", -0.5, 0.1)], beta_v=0.1, margin=1.0, auto=True)
