@@ -328,6 +328,8 @@ class RolloutParams:
 
     samples_per_problem: int = 4
     seed: int = 1234
+    # the eval-time format gate; the official eval reads the last box (its single-box gate is training's only)
+    require_single_boxed: bool = False
 
     def __post_init__(self) -> None:
         _require(self.samples_per_problem > 0, "rollout.samples_per_problem", self.samples_per_problem,

@@ -150,11 +150,13 @@ def vote(cluster_ids: Any, weights: Any = None, sample_order: Any = None) -> np.
     return out
 
 
-def best_of(scores: Any, sample_order: Any = None) -> np.ndarray:
+def best_of(scores: Any, sample_order: Any = None, answered: Any = None) -> np.ndarray:
     """Best-of-k by score, row by row: the column with the highest raw score (ranking needs no clipping).
 
-    scores: (P, k) float, NaN = missing (ranked below every score). Ties (including all missing) go to the
-    smallest sample_order ((P, k) int, None = column index). Returns (P,) int columns; -1 only when k = 0.
+    scores: (P, k) float, NaN = missing (ranked below every score). answered: (P, k) bool, the samples with an
+    extractable answer (None: all); an unanswered sample ranks below every answered one, whatever its score (it
+    cannot be right). Ties (including all missing) go to the smallest sample_order ((P, k) int, None = column
+    index). Returns (P,) int columns; -1 only when k = 0.
     """
     s = to_numpy(scores, float)
     if s.ndim != 2:
@@ -164,6 +166,12 @@ def best_of(scores: Any, sample_order: Any = None) -> np.ndarray:
     order = _default_order(s.shape, sample_order)
     s = np.where(np.isnan(s), -np.inf, s)
     top = s == s.max(axis=1, keepdims=True)
+    if answered is not None:
+        ok = to_numpy(answered).astype(bool)
+        if ok.shape != s.shape:
+            raise ValueError(f"answered has shape {ok.shape}, expected {s.shape}")
+        best_answered = np.where(ok, s, -np.inf).max(axis=1, keepdims=True)
+        top = np.where(ok.any(axis=1, keepdims=True), ok & (s == best_answered), top)
     return np.argmin(np.where(top, order, np.iinfo(np.int64).max), axis=1)
 
 
@@ -217,7 +225,7 @@ def scaling_curves(cluster_ids: Any, correct: Any, scores: Any, ks: Sequence[int
             sub_cid, sub_corr, sub_w, sub_s = cid[rows, cols], corr[rows, cols], weights[rows, cols], s[rows, cols]
             sums["maj"][k] += picked_correct(sub_corr, vote(sub_cid, None, cols)).mean()
             sums["weighted_maj"][k] += picked_correct(sub_corr, vote(sub_cid, sub_w, cols)).mean()
-            sums["best_of"][k] += picked_correct(sub_corr, best_of(sub_s, cols)).mean()
+            sums["best_of"][k] += picked_correct(sub_corr, best_of(sub_s, cols, sub_cid >= 0)).mean()
     out = {"pass": {int(k): mean_pass_at_k(n, num_correct, k) for k in ks}}
     for name in names[1:]:
         out[name] = {k: float(v / num_seeds) for k, v in sums[name].items()}
@@ -340,10 +348,12 @@ def self_verification_report(scores: Any, correct: Any, threshold: float = 0.5,
 
     scores: (N,) raw scores (missing = NaN/None, read as 0); correct: (N,) bool.
     Returns n, n_correct, n_incorrect, n_predicted_correct, acc_correct, acc_incorrect, f1 (the paper's:
-    harmonic mean of the two class accuracies), precision, recall, f1_standard, auroc, ece, all on
-    clip(score, 0, 1), and ``undefined``: {metric: reason} for each metric that is None.
+    harmonic mean of the two class accuracies), precision, recall, f1_standard and ece on clip(score, 0, 1);
+    auroc on the raw scores (clipping would tie every score above 1 or below 0 across the classes), a missing
+    score ranking lowest; and ``undefined``: {metric: reason} for each metric that is None.
     """
-    conf = clip_scores(scores).ravel()
+    raw = to_numpy(scores, float).ravel()
+    conf = clip_scores(raw)
     c = to_numpy(correct).astype(bool).ravel()
     sv = self_verification(conf, c, threshold)
     cls = classification_metrics(conf, c, threshold)
@@ -358,7 +368,7 @@ def self_verification_report(scores: Any, correct: Any, threshold: float = 0.5,
         "precision": cls["precision"],
         "recall": cls["recall"],
         "f1_standard": cls["f1"],
-        "auroc": auroc(conf, c),
+        "auroc": auroc(np.where(np.isnan(raw), -np.inf, raw), c),
         "ece": expected_calibration_error(conf, c, num_bins),
     }
     reasons = {

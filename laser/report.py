@@ -30,6 +30,7 @@ from laser.io import atomic_path, atomic_write_json, atomic_write_text
 CURVES = ("pass", "maj", "weighted_maj", "best_of")
 CURVE_TITLES = {"pass": "pass@k", "maj": "maj@k", "weighted_maj": "self-reward-weighted maj@k",
                 "best_of": "best-of-k by score"}
+HEADLINE_VIEW = "macro"  # the headline: the mean over eval sets (the paper's "Avg"); "overall" pools samples
 HEADLINE_KEYS = ("K", "avg@K", "pass@K", "maj@K", "weighted_maj@K", "best_of@K", "sv_acc_correct",
                  "sv_acc_incorrect", "sv_f1", "sv_auroc", "sv_ece", "spearman_score_length")
 SV_KEYS = ("n", "n_correct", "n_incorrect", "acc_correct", "acc_incorrect", "f1", "precision", "recall",
@@ -224,10 +225,21 @@ def _intro(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def model_label(model: str) -> str:
+    """The base model is scored with its own c_ref, so its scores centre on 0 and its self-verification F1 is
+    ~0 by construction: its score is the untrained one, not a self-verifier's."""
+    return "base (untrained score)" if model == "base" else model
+
+
 def _headline_section(m: dict[str, Any]) -> list[str]:
-    rows = [[model, name, *(_fmt(h[k]) for k in HEADLINE_KEYS)]
+    view = m.get("headline_view", HEADLINE_VIEW)
+    rows = [[model_label(model), name, *(_fmt(h[k]) for k in HEADLINE_KEYS)]
             for model, mm in m["models"].items() for name, h in mm["headline"].items()]
-    lines = ["## Headline numbers", "", *_table(["model", "eval set", *HEADLINE_KEYS], rows)]
+    lines = ["## Headline numbers", "",
+             f"The headline is `{view}`: the macro-average over eval sets (each set weighs the same, the paper's "
+             "\"Avg\"); `overall` pools every sample, so a large set dominates it. The base model is scored "
+             "with its own c_ref, so its score centres on 0 (F1 ≈ 0 by construction): an untrained score.", "",
+             *_table(["model", "eval set", *HEADLINE_KEYS], rows)]
     if "comparison" in m:
         rows = [[name, key, _fmt(v["base"]), _fmt(v["trained"]), _fmt_delta(v["delta"])]
                 for name, cmp in m["comparison"].items() for key, v in cmp.items() if key != "K"]
@@ -250,12 +262,13 @@ def _scaling_section(plots: dict[str, list[dict[str, Any]]], link: str) -> list[
 
 
 def _self_verification_section(m: dict[str, Any], link: str) -> list[str]:
-    rows = [[model, name, view, *(_fmt(sv[k]) for k in SV_KEYS)]
+    rows = [[model_label(model), name, view, *(_fmt(sv[k]) for k in SV_KEYS)]
             for model, name, block in _blocks(m) for view, sv in block["self_verification"].items()]
     return ["## Self-verification", "", *_table(["model", "eval set", "view", *SV_KEYS], rows),
-            "", "`all`: every sample (no answer or no score ⇒ score 0); `answered`: samples with an extractable "
-            "answer. `f1` is the paper's (harmonic mean of acc_correct and acc_incorrect); `f1_standard` is "
-            "precision/recall F1 with positive = correct.", "",
+            "", "`all`: every sample the verifier judged (no answer or no score ⇒ score 0); `answered`: those with an "
+            "extractable answer; samples whose verification timed out or failed are left out (counted under "
+            "Counts). AUROC ranks raw scores (a missing score lowest). `f1` is the paper's (harmonic mean of "
+            "acc_correct and acc_incorrect); `f1_standard` is precision/recall F1 with positive = correct.", "",
             f"![score histograms]({link}/score_hist.png)", "", f"![reliability diagram]({link}/reliability.png)",
             ""]
 
@@ -266,10 +279,11 @@ def _joined(counts: dict[str, Any]) -> str:
 
 def _counts_section(m: dict[str, Any]) -> list[str]:
     rows = [[model, name, block["num_problems"], block["num_samples"], block["counts"]["no_answer"],
-             block["counts"]["no_score"], _joined(block["counts"].get("finish_reason", {})),
-             _joined(block["counts"].get("verify_status", {}))]
+             block["counts"]["no_score"], block["counts"].get("unjudged", 0),
+             _joined(block["counts"].get("finish_reason", {})), _joined(block["counts"].get("verify_status", {}))]
             for model, name, block in _blocks(m)]
-    header = ["model", "eval set", "problems", "samples", "no answer", "no score", "finish_reason", "verify_status"]
+    header = ["model", "eval set", "problems", "samples", "no answer", "no score", "unjudged", "finish_reason",
+              "verify_status"]
     return ["## Counts", "", *_table(header, rows), "",
             f"Answer pairs checked for equivalence: {m['equivalence']['pairs_checked']}."]
 

@@ -7,9 +7,10 @@ import hashlib
 import sys
 from pathlib import Path
 
-from laser.config import Params
+from laser.config import Params, VerifierParams
 from laser.generation import HFGenerator, Sampling
 from laser.models import load_model, load_tokenizer, resolve_model_dir
+from laser.verify import verify_batch
 
 
 def base_model_dir(params: Params) -> Path:
@@ -30,6 +31,13 @@ def load_generator(params: Params, model_dir: str | Path):
 def sampling(params: Params, seed: int) -> Sampling:
     g = params.generation
     return Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=seed)
+
+
+def verify_completions(completions, golds: list, verifier: VerifierParams, require_single_boxed: bool) -> list:
+    """Verdicts for sampled completions against their gold answers, in the shared verifier pool. Training gates
+    with ``verifier.require_single_boxed``, evaluation with ``rollout.require_single_boxed``."""
+    return verify_batch([c.text for c in completions], golds, timeout_s=verifier.timeout_s,
+                        num_workers=verifier.num_workers, require_single_boxed=require_single_boxed)
 
 
 def code_digest() -> str:

@@ -35,8 +35,9 @@ from laser.generation import HFGenerator, Sampling
 from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft_loss
 from laser.metrics import auroc, self_verification
 from laser.rollouts import SelfRewardConfig
+from laser.runtime import verify_completions
 from laser.schedule import Phase, warmup_phase
-from laser.verify import UNJUDGED, summarize, verify_batch
+from laser.verify import UNJUDGED, summarize
 
 STEP_NORMALISED = ("self_reward_mse", "self_reward_sft")  # losses divided by the step's class counts
 
@@ -97,10 +98,8 @@ class LaserTrainer:
             completions = generator.generate([self.prompt_ids[i] for i in mine], self.train.group_size, sampling,
                                              probe_token_ids=probes)
         v = self.params.verifier
-        verdicts = verify_batch([c.text for c in completions], [self.problems[mine[c.prompt_index]]["answer"]
-                                                                 for c in completions],
-                                timeout_s=v.timeout_s, num_workers=v.num_workers,
-                                require_single_boxed=v.require_single_boxed)
+        verdicts = verify_completions(completions, [self.problems[mine[c.prompt_index]]["answer"] for c in completions],
+                                      v, v.require_single_boxed)
         return Rollout(
             prompts=[c.prompt_token_ids for c in completions],
             responses=[c.response_token_ids for c in completions],

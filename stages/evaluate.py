@@ -33,7 +33,15 @@ from laser import metrics as M
 from laser.answers import EquivalenceFn, cluster_answers, math_verify_equivalent, normalize_answer, verifier_equivalent
 from laser.cli import StageError, stage_main
 from laser.config import EvaluateParams, Params
-from laser.report import HEADLINE_KEYS, EvalResult, hist_rows, reliability_rows, scaling_rows, write_outputs
+from laser.report import (
+    HEADLINE_KEYS,
+    HEADLINE_VIEW,
+    EvalResult,
+    hist_rows,
+    reliability_rows,
+    scaling_rows,
+    write_outputs,
+)
 from laser.verify import UNJUDGED
 
 log = logging.getLogger("laser.stages.evaluate")
@@ -57,6 +65,7 @@ class _Data:
     score: np.ndarray
     num_tokens: np.ndarray
     valid: np.ndarray
+    judged: np.ndarray  # False where the verifier timed out or failed: no label to check a score against
     counts: dict[str, Any]
     cluster: np.ndarray | None = None
 
@@ -64,6 +73,7 @@ class _Data:
     def flat(self) -> dict[str, np.ndarray]:
         v = self.valid
         return {"correct": self.correct[v], "score": self.score[v], "num_tokens": self.num_tokens[v],
+                "judged": self.judged[v],
                 "answered": (self.cluster[v] >= 0) if self.cluster is not None else None}
 
 
@@ -112,6 +122,7 @@ def _fill_problem(d: _Data, p: int, cols: dict[str, list], rows: list[int]) -> i
         d.score[p, i] = np.nan if _is_missing(cols["score"][r]) else float(cols["score"][r])
         d.num_tokens[p, i] = np.nan if _is_missing(cols["num_tokens"][r]) else float(cols["num_tokens"][r])
         d.valid[p, i] = True
+        d.judged[p, i] = "verify_status" not in cols or cols["verify_status"][r] not in UNJUDGED
     return missing_reward
 
 
@@ -120,6 +131,7 @@ def _counts(d: _Data, cols: dict[str, list], missing_reward: int) -> dict[str, A
         "no_answer": int(sum(normalize_answer(a) is None for ans in d.answers for a in ans)),
         "no_score": int((np.isnan(d.score) & d.valid).sum()),
         "no_reward": int(missing_reward),
+        "unjudged": int((~d.judged & d.valid).sum()),  # left out of self-verification
     }
     for name in ("finish_reason", "verify_status"):
         if name in cols:
@@ -134,7 +146,7 @@ def _prepare(table: Any, where: str) -> _Data:
         rows_of.setdefault(str(pid), []).append(row)
     shape = (len(rows_of), max((len(r) for r in rows_of.values()), default=0))
     d = _Data(list(rows_of), [], np.zeros(shape, dtype=bool), np.full(shape, np.nan), np.full(shape, np.nan),
-              np.zeros(shape, dtype=bool), {})
+              np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool), {})
     missing_reward = 0
     for p, (pid, rows) in enumerate(rows_of.items()):
         missing_reward += _fill_problem(d, p, cols, _sorted_samples(cols, rows, pid, where))
@@ -169,7 +181,8 @@ def _concat(parts: Sequence[_Data]) -> _Data:
 
     return _Data([pid for d in parts for pid in d.problem_ids], [a for d in parts for a in d.answers],
                  stack("correct", False, bool), stack("score", np.nan, float), stack("num_tokens", np.nan, float),
-                 stack("valid", False, bool), _merge_counts(parts), stack("cluster", -1, np.int64))
+                 stack("valid", False, bool), stack("judged", False, bool), _merge_counts(parts),
+                 stack("cluster", -1, np.int64))
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -209,10 +222,12 @@ def _block(d: _Data, params: EvaluateParams) -> tuple[dict[str, Any], dict[str, 
     k_max = int(n.min()) if len(n) else 0
     curves = M.scaling_curves(d.cluster, d.correct, d.score, M.scaling_ks(k_max), params.subset_seeds,
                               seed=SCALING_SEED, valid=d.valid)
-    answered = flat["answered"]
+    answered, judged = flat["answered"], flat["judged"]
     all_scores = np.where(answered, flat["score"], np.nan)  # no answer => score 0 (after clipping)
-    sv_all = M.self_verification_report(all_scores, flat["correct"], params.threshold, params.ece_bins)
-    sv_answered = M.self_verification_report(flat["score"][answered], flat["correct"][answered],
+    # a sample the verifier could not judge has no label: it stays out of self-verification (as in training)
+    sv_all = M.self_verification_report(all_scores[judged], flat["correct"][judged], params.threshold,
+                                        params.ece_bins)
+    sv_answered = M.self_verification_report(flat["score"][answered & judged], flat["correct"][answered & judged],
                                              params.threshold, params.ece_bins)
     block: dict[str, Any] = {
         "num_problems": len(d.problem_ids),
@@ -227,9 +242,10 @@ def _block(d: _Data, params: EvaluateParams) -> tuple[dict[str, Any], dict[str, 
     if not num_samples:
         block["undefined"] = {"avg@K": "no samples"}
     extras = {
-        "reliability": M.calibration_bins(M.clip_scores(all_scores), flat["correct"], params.ece_bins),
-        "scores": flat["score"],
-        "correct": flat["correct"],
+        "reliability": M.calibration_bins(M.clip_scores(all_scores[judged]), flat["correct"][judged],
+                                          params.ece_bins),
+        "scores": flat["score"][judged],
+        "correct": flat["correct"][judged],
     }
     return block, extras
 
@@ -291,7 +307,21 @@ def _model_metrics(sets: dict[str, _Data], params: EvaluateParams) -> tuple[dict
     blocks = {name: _block(d, params)[0] for name, d in sets.items()}
     overall, extras = _block(_concat(list(sets.values())), params)
     heads = {**{name: headline(b) for name, b in blocks.items()}, "overall": headline(overall)}
+    heads[HEADLINE_VIEW] = macro_headline([heads[name] for name in blocks])
     return {"eval_sets": blocks, "overall": overall, "headline": heads}, extras
+
+
+def macro_headline(heads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean over eval sets of each headline number (the paper's "Avg": each eval set weighs the same,
+    whatever its size); None where any set's value is undefined. K is the sets' K when they agree."""
+    out: dict[str, Any] = {}
+    for key in HEADLINE_KEYS:
+        values = [h[key] for h in heads]
+        if key == "K":
+            out[key] = values[0] if len(set(values)) == 1 else None
+        else:
+            out[key] = None if any(v is None for v in values) else float(np.mean(values))
+    return out
 
 
 def _model_notes(model: str, mm: dict[str, Any]) -> list[str]:
@@ -299,9 +329,10 @@ def _model_notes(model: str, mm: dict[str, Any]) -> list[str]:
     notes = []
     for name, b in {**mm["eval_sets"], "overall": mm["overall"]}.items():
         c = b["counts"]
-        bad = {k: v for k, v in c.get("verify_status", {}).items() if k in ("timeout", "error")}
+        bad = {k: v for k, v in c.get("verify_status", {}).items() if k in UNJUDGED}
         if bad:
-            notes.append(f"{model}/{name}: verify_status {bad} (counted as incorrect)")
+            notes.append(f"{model}/{name}: verify_status {bad}: counted as incorrect in accuracy, left out of "
+                         "self-verification")
         if c["no_reward"]:
             notes.append(f"{model}/{name}: {c['no_reward']} samples without a reward (counted as incorrect)")
         if name != "overall" and b["samples_per_problem"]["min"] != b["samples_per_problem"]["max"]:
@@ -314,10 +345,10 @@ def _comparison(base: dict[str, Any], trained: dict[str, Any], notes: list[str])
     common = [name for name in base["eval_sets"] if name in trained["eval_sets"]]
     names = [*common]
     if set(base["eval_sets"]) == set(trained["eval_sets"]):
-        names.append("overall")
+        names += ["overall", HEADLINE_VIEW]
     else:
         notes.append("base and trained have different eval sets: the comparison covers the common ones only "
-                     f"({', '.join(common) or 'none'}), not 'overall'")
+                     f"({', '.join(common) or 'none'}), not 'overall' nor '{HEADLINE_VIEW}'")
     out = {}
     for name in names:
         hb, ht = base["headline"][name], trained["headline"][name]
@@ -353,15 +384,20 @@ def evaluate(rollouts: dict[str, dict[str, Any]], params: EvaluateParams,
           {"1": acc, "2": acc, ...}, self_verification.{all, answered}: {n, n_correct, n_incorrect,
           n_predicted_correct, acc_correct, acc_incorrect, f1, precision, recall, f1_standard, auroc, ece,
           undefined {metric: reason}}, spearman_score_length {rho, n[, undefined]}
-        models.<model>.headline.<eval_set | overall>: {K, avg@K, pass@K, maj@K, weighted_maj@K, best_of@K,
-          sv_acc_correct, sv_acc_incorrect, sv_f1, sv_auroc, sv_ece, spearman_score_length}
-        comparison (only with both base and trained): <eval_set | overall>.<headline key>: {base, trained, delta}
+        models.<model>.headline.<eval_set | overall | macro>: {K, avg@K, pass@K, maj@K, weighted_maj@K,
+          best_of@K, sv_acc_correct, sv_acc_incorrect, sv_f1, sv_auroc, sv_ece, spearman_score_length};
+          ``macro`` (the headline, the paper's "Avg") is the mean over eval sets, ``overall`` pools their samples
+        comparison (only with both base and trained): <eval_set | overall | macro>.<headline key>:
+          {base, trained, delta}
+        headline_view: "macro"
         equivalence: {pairs_checked, pairs_unjudged {timeout, error, too_long} (the stage adds it)}
 
     Conventions: k runs over 1, 2, 4, … up to the smallest sample count of a problem (plus that count when it is
     not a power of two); a problem's vote/best-of response is its earliest member (see laser.metrics); "all"
     self-verification reads a missing score or a missing answer as score 0, "answered" keeps only samples with
-    an extractable answer (a missing score still reads 0). Spearman uses raw scores of samples that have one.
+    an extractable answer (a missing score still reads 0); both leave out samples the verifier could not judge
+    (timeout, error: counted in ``counts.unjudged``); AUROC ranks raw scores, a missing one lowest. Best-of
+    ranks unanswered samples last. Spearman uses raw scores of samples that have one.
     """
     notes: list[str] = []
     data = _load(rollouts, notes)
@@ -374,6 +410,7 @@ def evaluate(rollouts: dict[str, dict[str, Any]], params: EvaluateParams,
     metrics: dict[str, Any] = {
         "settings": {"threshold": params.threshold, "ece_bins": params.ece_bins,
                      "subset_seeds": params.subset_seeds, "scaling_seed": SCALING_SEED},
+        "headline_view": HEADLINE_VIEW,
         "models": out_models,
         "equivalence": {"pairs_checked": num_pairs},
     }
@@ -416,7 +453,7 @@ def run(params: Params, _args: Any = None) -> None:
                             f"({dict(unjudged)}) and count as different answers in voting")
     write_outputs(result, params.paths, params.evaluate.threshold)
     for model, mm in result.metrics["models"].items():
-        log.info("%s overall: %s", model, mm["headline"]["overall"])
+        log.info("%s %s: %s", model, HEADLINE_VIEW, mm["headline"][HEADLINE_VIEW])
     for note in result.notes:
         log.warning("%s", note)
     log.info("wrote %s, %s/, %s", params.paths.eval_metrics, params.paths.eval_plots, params.paths.eval_report)

@@ -31,8 +31,8 @@ from laser.rollouts import (
     tokenize_prompts,
     write_rollouts,
 )
-from laser.runtime import base_model_dir, code_digest, files_digest, load_generator, sampling
-from laser.verify import summarize, verify_batch
+from laser.runtime import base_model_dir, code_digest, files_digest, load_generator, sampling, verify_completions
+from laser.verify import summarize
 
 
 def rollout_eval_set(params: Params, generator, tokenizer, config: SelfRewardConfig, problems: list[dict],
@@ -41,9 +41,8 @@ def rollout_eval_set(params: Params, generator, tokenizer, config: SelfRewardCon
     completions = generator.generate(
         tokenize_prompts(tokenizer, problems), params.rollout.samples_per_problem,
         sampling(params, params.rollout.seed), probe_token_ids=config.probe_token_ids, progress=True)
-    verdicts = verify_batch([c.text for c in completions], [problems[c.prompt_index]["answer"] for c in completions],
-                            timeout_s=params.verifier.timeout_s, num_workers=params.verifier.num_workers,
-                            require_single_boxed=params.verifier.require_single_boxed)
+    verdicts = verify_completions(completions, [problems[c.prompt_index]["answer"] for c in completions],
+                                  params.verifier, params.rollout.require_single_boxed)
     return rollout_rows(completions, problems, verdicts, config, eval_set), summarize(verdicts)
 
 

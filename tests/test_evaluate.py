@@ -123,7 +123,7 @@ def test_evaluate_hand_values():
     assert t["pass@k"]["1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
     assert t["maj@k"]["4"] == 0.5  # p1 wrong ("3"), p2 right ("7" ~ "7.0")
     assert t["weighted_maj@k"]["4"] == 1.0  # p1 right: 1.7 vs 0.4
-    assert t["best_of@k"]["4"] == 0.5  # p1: 0.9 right; p2: 0.95 has no answer
+    assert t["best_of@k"]["4"] == 1.0  # p1: 0.9 right; p2: 0.95 has no answer and ranks last, 0.7 is right
     assert t["counts"]["no_answer"] == 1 and t["counts"]["no_score"] == 1
     assert t["counts"]["finish_reason"] == {"eos": 7, "length": 1}
     sv = t["self_verification"]
@@ -142,12 +142,51 @@ def test_evaluate_hand_values():
     cmp = result.metrics["comparison"]["synthetic"]
     assert cmp["weighted_maj@K"]["trained"] == 1.0
     assert cmp["sv_f1"]["delta"] == pytest.approx(1.0)
-    assert set(result.metrics["comparison"]) == {"synthetic", "overall"}
+    assert set(result.metrics["comparison"]) == {"synthetic", "overall", "macro"}
     assert set(result.plots) == {"scaling_synthetic", "score_hist", "reliability"}
     assert [r["k"] for r in result.plots["scaling_synthetic"]] == [1, 2, 4]
     assert result.plots["scaling_synthetic"][-1]["trained_weighted_maj"] == 1.0
     hist = result.plots["score_hist"]
     assert sum(r["trained_correct"] for r in hist) == 3 and sum(r["trained_incorrect"] for r in hist) == 4
+
+
+def test_unjudged_samples_stay_out_of_self_verification():
+    """A verifier timeout has no label: before, it counted as an incorrect sample in the self-verification
+    metrics (training already left it out)."""
+    table = rollout_table({"p": [("7", 1, 0.9), ("3", 0, 0.1), ("8", 0, 0.95)]})
+    statuses = table.column("verify_status").to_pylist()
+    statuses[2] = "timeout"
+    table = table.set_column(table.schema.get_field_index("verify_status"), "verify_status", pa.array(statuses))
+    result = E.evaluate({"trained": {"s": table}}, EvaluateParams(subset_seeds=1), equivalent=no_math_verify)
+    block = result.metrics["models"]["trained"]["eval_sets"]["s"]
+    for view in ("all", "answered"):
+        sv = block["self_verification"][view]
+        assert (sv["n"], sv["acc_incorrect"], sv["f1"], sv["auroc"]) == (2, 1.0, 1.0, 1.0)
+    assert block["counts"]["unjudged"] == 1
+    assert block["avg@K"] == pytest.approx(1 / 3)  # accuracy still counts it (as incorrect), as official
+    assert any("left out of self-verification" in note for note in result.notes)
+
+
+def test_macro_average_over_eval_sets_is_the_headline():
+    """overall pools samples (a large set dominates); macro weighs each eval set the same (the paper's Avg)."""
+    big = {f"p{i}": [("7", 1, 0.9), ("7", 1, 0.8)] for i in range(9)}
+    small = {"q": [("1", 0, 0.9), ("2", 0, 0.8)]}
+    result = E.evaluate({"trained": {"big": rollout_table(big), "small": rollout_table(small)}},
+                        EvaluateParams(subset_seeds=1), equivalent=no_math_verify)
+    heads = result.metrics["models"]["trained"]["headline"]
+    assert heads["overall"]["avg@K"] == pytest.approx(18 / 20)
+    assert heads["macro"]["avg@K"] == pytest.approx((1.0 + 0.0) / 2)
+    assert heads["macro"]["sv_f1"] is None  # undefined on both sets (one class each): no average of nothing
+    assert heads["macro"]["K"] == 2 and result.metrics["headline_view"] == "macro"
+    report = R.render_report(result, "plots")
+    assert "macro-average over eval sets" in report
+
+
+def test_report_labels_the_base_score_as_untrained():
+    result = E.evaluate({"trained": {"s": rollout_table(TRAINED)}, "base": {"s": rollout_table(BASE)}},
+                        EvaluateParams(subset_seeds=1), equivalent=no_math_verify)
+    report = R.render_report(result, "plots")
+    assert "base (untrained score)" in report
 
 
 def test_evaluate_accepts_pandas_and_pools_overall():
@@ -224,19 +263,19 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     E.main([])
 
     metrics = json.loads(Path("out/eval/metrics.json").read_text())
-    assert set(metrics) == {"settings", "models", "equivalence", "comparison"}
+    assert set(metrics) == {"settings", "headline_view", "models", "equivalence", "comparison"}
     assert metrics["settings"]["ece_bins"] == 5
     assert metrics["equivalence"]["pairs_unjudged"] == {"timeout": 0, "error": 0, "too_long": 0}
     assert set(metrics["models"]) == {"base", "trained"}
     trained = metrics["models"]["trained"]
     assert set(trained) == {"eval_sets", "overall", "headline"}
     assert set(trained["eval_sets"]) == {"setA", "set-b"}
-    assert set(trained["headline"]) == {"setA", "set-b", "overall"}
+    assert set(trained["headline"]) == {"setA", "set-b", "overall", "macro"}
     assert set(trained["headline"]["overall"]) == set(R.HEADLINE_KEYS)
     # p3: \frac{1}{2} ~ 0.5 (math-verify) gives 2 votes for the right answer against 2 for "2": the earliest wins
     assert trained["eval_sets"]["setA"]["maj@k"]["4"] == pytest.approx(2 / 3)
     assert metrics["equivalence"]["pairs_checked"] >= 1
-    assert set(metrics["comparison"]) == {"setA", "set-b", "overall"}
+    assert set(metrics["comparison"]) == {"setA", "set-b", "overall", "macro"}
 
     plots = Path("out/eval/plots")
     names = {"scaling_setA", "scaling_set-b", "score_hist", "reliability"}

@@ -122,6 +122,14 @@ def test_best_of_hand_values_and_reference():
     assert M.best_of(s, order).tolist() == ref
 
 
+def test_best_of_ranks_unanswered_samples_last():
+    """A sample with no extractable answer cannot be right: before, its high score won best-of."""
+    scores = [[0.2, 5.0, NAN], [NAN, 0.9, 0.1], [0.3, 0.8, NAN]]
+    answered = [[True, False, True], [True, False, False], [False, False, False]]
+    assert M.best_of(scores, answered=answered).tolist() == [0, 0, 1]  # no answered one: plain best-of
+    assert M.best_of(scores).tolist() == [1, 1, 1]
+
+
 # -------------------------------------------------------------------------------------------------- scaling curves
 
 # two problems, K = 4 (hand-worked in the comments)
@@ -135,10 +143,11 @@ def test_scaling_curves_hand_values_at_full_k():
     # pass@1 = (2/4 + 1/4)/2; pass@2 = (5/6 + 1/2)/2; pass@4 = 1
     assert out["pass"] == pytest.approx({1: 0.375, 2: 2 / 3, 4: 1.0})
     # k = 4 (all samples, any seed): P0 maj 2-2 tie -> earliest (wrong), weighted 0.3 vs 1.7 (right),
-    # best-of 0.9 (right); P1 maj cluster 1 (wrong), weighted 0.6 vs 0.3 (right), best-of 0.95 no answer (wrong)
+    # best-of 0.9 (right); P1 maj cluster 1 (wrong), weighted 0.6 vs 0.3 (right), best-of: 0.95 has no answer,
+    # so it ranks last and the best answered sample (0.6) is picked (right)
     assert out["maj"][4] == 0.0
     assert out["weighted_maj"][4] == 1.0
-    assert out["best_of"][4] == 0.5
+    assert out["best_of"][4] == 1.0
     # k = 1: one sample, all three pick it
     assert out["maj"][1] == out["weighted_maj"][1] == out["best_of"][1]
 
@@ -164,7 +173,8 @@ def scaling_reference(cids, correct, scores, ks, num_seeds, seed=0):
                 for name, weights in (("maj", [1.0] * k), ("weighted_maj", w)):
                     pick = vote_reference(cid, weights, cols)
                     out[name][k] += (pick >= 0 and bool(correct[r, cols[pick]])) / rows / num_seeds
-                key = [(-np.inf if np.isnan(v) else v, -c) for v, c in zip(sc, cols)]
+                # answered samples first (an unanswered one cannot be right), then the score, then sample order
+                key = [(i >= 0, -np.inf if np.isnan(v) else v, -c) for v, c, i in zip(sc, cols, cid)]
                 pick = max(range(k), key=lambda i, key=key: key[i])
                 out["best_of"][k] += bool(correct[r, cols[pick]]) / rows / num_seeds
     return out
@@ -256,6 +266,17 @@ def test_auroc_hand_value_ties_and_reference():
         y = rng.random(30) < 0.5
         assert M.auroc(s, y) == pytest.approx(auroc_reference(s, y))
     assert M.auroc([0.1, 0.2], [1, 1]) is None
+
+
+def test_self_verification_auroc_uses_raw_scores_and_ranks_missing_lowest():
+    """Clipping ties every score above 1 (or below 0) across classes: toy raw AUROC 8/9, clipped 7/9."""
+    scores = [1.5, 1.2, 0.3, 1.1, -0.2, -0.5]
+    correct = [True, True, True, False, False, False]
+    assert M.auroc(M.clip_scores(scores), correct) == pytest.approx(7 / 9)
+    assert M.self_verification_report(scores, correct)["auroc"] == pytest.approx(8 / 9)
+    missing = M.self_verification_report([0.4, NAN, -3.0], [True, False, False])
+    assert missing["auroc"] == 1.0  # NaN ranks below -3.0: the correct 0.4 beats both
+    assert M.self_verification_report([NAN, -3.0], [True, False])["auroc"] == 0.0
 
 
 def test_rankdata_average_ties():

@@ -98,3 +98,32 @@ def test_rollout_stage_resumes_the_eval_sets_an_earlier_attempt_finished(tmp_pat
     assert sorted(p.name for p in Path("rollouts/base").iterdir()) == ["a.parquet", "b.parquet"]
     assert pq.read_table("rollouts/base/a.parquet").num_rows == 6
     assert not list((tmp_path / "cache" / "rollout-work" / "base").iterdir())  # the finished sets are removed
+
+
+class ScriptedGenerator:
+    """A Generator (laser.generation protocol) that returns given texts: the input of the verification under
+    test, not a stand-in for it."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def generate(self, prompts, num_samples, sampling, probe_token_ids=(), progress=False):
+        return [Completion(0, i, list(prompts[0]), [1, 2], text, "eos", [-20.0] * len(probe_token_ids))
+                for i, text in enumerate(self.texts)]
+
+
+def test_eval_rollouts_gate_boxes_with_their_own_setting(tiny_tokenizer):
+    """The official single-box gate shapes the training reward only: eval reads the last box (before, eval used
+    verifier.require_single_boxed too)."""
+    from laser.config import Params, build
+    from stages.rollout import rollout_eval_set
+
+    params = build(Params, {"verifier": {"require_single_boxed": True}})
+    problems = [{"id": "p", "answer": "7", "prompt": "What is 3 + 4?"}]
+    texts = ["First \\boxed{6}, no: \\boxed{7}.", "\\boxed{7}"]
+    config = SelfRewardConfig("<z>", 7, c_ref=-23.0, beta_v=0.1)
+    rows, counts = rollout_eval_set(params, ScriptedGenerator(texts), tiny_tokenizer, config, problems, "s")
+    assert [r["verify_status"] for r in rows] == ["correct", "correct"] and counts["accuracy"] == 1.0
+    gated = build(Params, {"rollout": {"require_single_boxed": True}})
+    rows, _ = rollout_eval_set(gated, ScriptedGenerator(texts), tiny_tokenizer, config, problems, "s")
+    assert [r["verify_status"] for r in rows] == ["no_answer", "correct"]
