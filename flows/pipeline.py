@@ -88,8 +88,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 
-from laser.cli import BAD_PARAMS_EXIT, PERMANENT_EXIT  # noqa: E402
-from laser.config import Params, ParamsError, apply_profile, load_params  # noqa: E402
+from laser.config import Params, apply_profile, load_params  # noqa: E402
+from laser.errors import (  # noqa: E402
+    BAD_PARAMS_EXIT,
+    PERMANENT_EXIT,
+    ParamsError,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS_ARTIFACT = "laser-metrics"

@@ -18,18 +18,8 @@ import errno
 import sys
 from collections.abc import Callable, Sequence
 
-from laser.config import Params, ParamsError, load_params
-from laser.data import SourceError
-from laser.models import ModelError
-from laser.verify import VerifierError
-
-BAD_PARAMS_EXIT = 2
-PERMANENT_EXIT = 3
-
-
-class StageError(RuntimeError):
-    """A stage cannot go on; the message says why and what to change."""
-
+from laser.config import Params, load_params
+from laser.errors import BAD_PARAMS_EXIT, PERMANENT_EXIT, ParamsError, PermanentError
 
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # retrying cannot make a path writable
 
@@ -60,7 +50,7 @@ def stage_main(run: Callable[[Params, argparse.Namespace], None], description: s
     except ParamsError as err:
         print(str(err), file=sys.stderr)
         sys.exit(BAD_PARAMS_EXIT)
-    except (StageError, SourceError, ModelError, VerifierError) as err:
+    except PermanentError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(PERMANENT_EXIT)
     except OSError as err:

@@ -20,9 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ParamsError(ValueError):
-    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+from laser.errors import ParamsError
 
 
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
@@ -350,14 +348,39 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class FlowParams:
+    """The Prefect flow (flows/pipeline.py) and how the train stage is launched; none of it changes a result."""
+
     retries: int = 2
     retry_delay_s: float = 5.0
     retry_backoff: float = 2.0
+    max_parallel: int = 1  # stages run at once when the DAG allows (rollout@base beside train); 1 on a CPU machine
+    gpu_stages: tuple[str, ...] = ("ref_constant", "train", "rollout")  # stages (or foreach groups) on a GPU
+    gpu_tag: str = "gpu"  # their Prefect tag: a tag concurrency limit on it keeps two of them off one GPU
+    train_launcher: str = "python"  # dvc.yaml runs `${flow.train_launcher} -m stages.train`: torchrun ..., deepspeed
+    train_stage: str = "train"  # the stage train_dispatch applies to
+    train_dispatch: Literal["local", "deployment"] = "local"  # deployment: run it on a (GPU) work pool
+    train_deployment: str = "laser-remote-stage/gpu"  # flow-name/deployment-name (python -m flows.deploy --remote)
+    dispatch_start_timeout_s: float = 600.0  # no worker picked the dispatched run up by then: failed (retried)
+    dispatch_heartbeat_s: float = 30.0  # the dispatched run says it is alive this often
+    dispatch_lost_after_s: float = 300.0  # no sign of life for this long: crashed (its worker or machine died)
 
     def __post_init__(self) -> None:
         _require(self.retries >= 0, "flow.retries", self.retries, "an int >= 0")
         _require(self.retry_delay_s >= 0, "flow.retry_delay_s", self.retry_delay_s, "a number >= 0")
         _require(self.retry_backoff >= 1, "flow.retry_backoff", self.retry_backoff, "a number >= 1")
+        _require(self.max_parallel >= 1, "flow.max_parallel", self.max_parallel, "an int >= 1")
+        _require(bool(re.fullmatch(r"[A-Za-z0-9_.:-]+", self.gpu_tag)), "flow.gpu_tag", self.gpu_tag,
+                 "a non-empty tag of letters, digits, '_', '.', ':', '-'")
+        _require(bool(self.train_launcher.strip()) and "\n" not in self.train_launcher, "flow.train_launcher",
+                 self.train_launcher, "a one-line command prefix that runs `-m stages.train`: python, "
+                 "'torchrun --nproc_per_node 8', 'deepspeed --hostfile hosts --no_python python'")
+        _require(bool(self.train_stage), "flow.train_stage", self.train_stage, "a stage name")
+        _require(bool(re.fullmatch(r"[^/\s]+/[^/\s]+", self.train_deployment)), "flow.train_deployment",
+                 self.train_deployment, "'<flow name>/<deployment name>'")
+        for key in ("dispatch_start_timeout_s", "dispatch_heartbeat_s", "dispatch_lost_after_s"):
+            _require(getattr(self, key) > 0, f"flow.{key}", getattr(self, key), "a number > 0")
+        _require(self.dispatch_lost_after_s > self.dispatch_heartbeat_s, "flow.dispatch_lost_after_s",
+                 self.dispatch_lost_after_s, f"a number > flow.dispatch_heartbeat_s = {self.dispatch_heartbeat_s}")
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from laser.config import FewShotTurn, SourceParams
+from laser.errors import SourceError
 from laser.verify import last_boxed
-
-
-class SourceError(RuntimeError):
-    """A whole source cannot be read (missing file, dataset not available offline); one clear line."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-from laser.cli import StageError
 from laser.config import TrainParams
+from laser.errors import StageError
 from laser.models import resolve_dtype
 
 

@@ -49,12 +49,16 @@ class Completion:
 
 class Generator(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], num_samples: int, sampling: Sampling,
-                 probe_token_ids: Sequence[int] = (), progress: bool = False) -> list[Completion]: ...
+                 probe_token_ids: Sequence[int] = (), progress: bool = False,
+                 seeds: Sequence[int] | None = None) -> list[Completion]: ...
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """Sample one token per row from logits (R, V): greedy at temperature 0, else nucleus sampling."""
+                      generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Sample one token per row from logits (R, V): greedy at temperature 0, else nucleus sampling.
+
+    ``generator``: one for the batch, or a list of one per row (each row's draw then depends on its own
+    generator only, not on which other rows share the batch)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -63,6 +67,9 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keeps the token that crosses top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=g).squeeze(-1)
+                          for row, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -104,7 +111,12 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], num_samples: int, sampling: Sampling,
-                 probe_token_ids: Sequence[int] = (), progress: bool = False) -> list[Completion]:
+                 probe_token_ids: Sequence[int] = (), progress: bool = False,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
+        """``seeds`` (one per prompt): sample k of prompt p draws from its own generator, seeded from
+        (seeds[p], k), so what a prompt gets does not depend on the other prompts of the call (the trainer's
+        rollouts are then the same whatever the number of ranks); else one generator per chunk of ``sampling.seed``.
+        """
         jobs = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
         chunks = [jobs[i:i + self.batch_size] for i in range(0, len(jobs), self.batch_size)]
         bar = _progress(len(jobs), progress)
@@ -112,6 +124,9 @@ class HFGenerator:
         for chunk_index, chunk in enumerate(chunks):
             # One generator per chunk, seeded from (seed, chunk): results do not depend on earlier chunks' lengths.
             rng = torch.Generator(device=self.model.device).manual_seed(sampling.seed * 1_000_003 + chunk_index)
+            if seeds is not None:
+                rng = [torch.Generator(device=self.model.device).manual_seed((seeds[p] * 1_000_003 + k) % 2**63)
+                       for p, k in chunk]
             completions += self._generate_chunk(prompts, chunk, sampling, list(probe_token_ids), rng)
             bar.update(len(chunk))
         bar.close()
@@ -141,7 +156,8 @@ class HFGenerator:
             logits = logits[active]
             if not state.rows:
                 break
-            tokens = sample_next_token(logits, sampling.temperature, sampling.top_p, rng)
+            tokens = sample_next_token(logits, sampling.temperature, sampling.top_p,
+                                       [rng[row] for row in state.rows] if isinstance(rng, list) else rng)
             for row, token in zip(state.rows, tokens.tolist()):
                 responses[row].append(token)
             finished = torch.isin(tokens, stop)

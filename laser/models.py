@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from laser.errors import ModelError
 from laser.io import sweep_stale_temps, temp_prefix
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -33,10 +34,6 @@ CHATML_TEMPLATE = (
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|z_c|>", "<|z_i|>", "<|unused|>")
-
-
-class ModelError(RuntimeError):
-    """A model cannot be resolved or loaded; the message says which and what to do."""
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name: dots are allowed (Qwen2.5-Math-7B)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from laser.cli import StageError
+from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json
 from laser.score import self_reward_score, two_token_score
 

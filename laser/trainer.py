@@ -88,15 +88,18 @@ class LaserTrainer:
 
     def rollout(self, step: int) -> Rollout:
         indices = prompt_indices(step, self.train.prompts_per_step, len(self.problems), self.train.seed)
-        mine = indices[self.rank::self.world_size]  # whole groups per rank
+        positions = range(self.rank, len(indices), self.world_size)  # whole groups per rank
+        mine = [indices[j] for j in positions]
         g = self.params.generation
-        sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens, seed=self.train.seed + 7919 * step + self.rank)
+        sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens, seed=self.train.seed + 7919 * step)
+        # one seed per prompt of the step, from its place in the step: the samples do not depend on the world size
+        seeds = [sampling.seed * 100_003 + j for j in positions]
         probes = self.score_config.probe_token_ids
         with ds.gathered_for_generation(self.engine) as model:
             model.eval()
             generator = HFGenerator(model, self.tokenizer, batch_size=g.batch_size)
             completions = generator.generate([self.prompt_ids[i] for i in mine], self.train.group_size, sampling,
-                                             probe_token_ids=probes)
+                                             probe_token_ids=probes, seeds=seeds)
         v = self.params.verifier
         verdicts = verify_completions(completions, [self.problems[mine[c.prompt_index]]["answer"] for c in completions],
                                       v, v.require_single_boxed)

@@ -48,6 +48,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Literal
 
+from laser.errors import VerifierError
+
 Status = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
 STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
 UNJUDGED: frozenset[str] = frozenset({"timeout", "error"})  # no verdict: reward 0 would be a guess, not a judgement
@@ -390,10 +392,6 @@ class _Worker:
         for conn in (self.inbox, self.outbox):
             with contextlib.suppress(Exception):
                 conn.close()
-
-
-class VerifierError(RuntimeError):
-    """The verifier itself cannot run (a worker fails to start); per-item problems are Verdict statuses."""
 
 
 class VerifierPool:

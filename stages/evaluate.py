@@ -31,8 +31,9 @@ import numpy as np
 
 from laser import metrics as M
 from laser.answers import EquivalenceFn, cluster_answers, math_verify_equivalent, normalize_answer, verifier_equivalent
-from laser.cli import StageError, stage_main
+from laser.cli import stage_main
 from laser.config import EvaluateParams, Params
+from laser.errors import StageError
 from laser.report import (
     HEADLINE_KEYS,
     HEADLINE_VIEW,

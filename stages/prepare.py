@@ -61,13 +61,13 @@ from laser.config import Params, PrepareParams, SourceParams
 from laser.data import (
     Reject,
     Row,
-    SourceError,
     has_chat_template,
     problem_keys,
     read_source,
     render_prompt,
     source_label,
 )
+from laser.errors import SourceError
 
 _BATCH = 256  # rows tokenized at once
 
@@ -313,7 +313,7 @@ def write_outputs(prepared: PreparedData, paths) -> None:
 
 
 def run(params: Params, args) -> None:
-    from laser.cli import StageError
+    from laser.errors import StageError
     from laser.models import load_tokenizer, resolve_model_dir
 
     tokenizer = load_tokenizer(resolve_model_dir(params.model.name, params.paths.cache_dir),

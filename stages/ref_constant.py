@@ -19,8 +19,9 @@ import io
 import random
 import statistics
 
-from laser.cli import StageError, stage_main
+from laser.cli import stage_main
 from laser.config import Params
+from laser.errors import StageError
 from laser.io import atomic_write_json, atomic_write_text
 from laser.models import reserved_tokens, token_id, z_c_candidates
 from laser.rollouts import read_problems, tokenize_prompts

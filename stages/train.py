@@ -25,9 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from laser import engine as ds
-from laser.cli import StageError, stage_main
+from laser.cli import stage_main
 from laser.config import Params
 from laser.engine import gathered_for_generation
+from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable
 from laser.models import load_model, load_tokenizer, token_id
 from laser.rollouts import SelfRewardConfig, read_problems, read_self_reward_config, write_self_reward_config

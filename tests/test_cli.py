@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from laser.cli import BAD_PARAMS_EXIT, PERMANENT_EXIT, StageError, stage_main
-from laser.data import SourceError
-from laser.models import ModelError
-from laser.verify import VerifierError
+from laser.cli import stage_main
+from laser.errors import BAD_PARAMS_EXIT, PERMANENT_EXIT, ModelError, SourceError, StageError, VerifierError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from laser.config import Params, ParamsError, apply_profile, load_params
+from laser.config import Params, apply_profile, load_params
+from laser.errors import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import pytest
 
 from laser import answers as A
 from laser import report as R
-from laser.cli import StageError
 from laser.config import EvaluateParams
+from laser.errors import StageError
 from stages import evaluate as E
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -208,7 +208,7 @@ def test_permanent_failure_is_not_retried(prefect_api, toy):
 
 def test_bad_params_file_fails_before_any_stage(prefect_api, toy):
     from flows.pipeline import laser_pipeline
-    from laser.config import ParamsError
+    from laser.errors import ParamsError
 
     bad = json.loads(json.dumps(PARAMS))
     bad["flow"]["retries"] = -1

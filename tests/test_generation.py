@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from laser.batch import collate, policy_forward
-from laser.cli import StageError
+from laser.errors import ModelError, StageError
 from laser.generation import HFGenerator, Sampling, full_forward_probe_logprobs, left_pad, sample_next_token
-from laser.models import ModelError, load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
+from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
 
 
 def _chat_prompts(tokenizer, questions):
@@ -223,7 +223,7 @@ def test_auto_z_c_skips_a_steady_but_likely_token():
 
 
 def test_named_z_c_without_room_for_a_score_of_1_is_an_error_naming_the_fix():
-    from laser.cli import StageError
+    from laser.errors import StageError
     from stages.ref_constant import choose_z_c
 
     with pytest.raises(StageError, match=r"'likely'.*c_ref = -5.00.*raise self_reward.beta_v to at least 0.25"):

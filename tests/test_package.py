@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +52,25 @@ def _laser_imports(module: str, seen: set[str]) -> set[str]:
     return seen
 
 
-def test_dvc_code_deps_list_every_imported_module():
-    """Editing a module a stage imports must make DVC rerun that stage (laser/cli.py and laser/io.py excepted)."""
+def test_dvc_code_deps_list_every_imported_module_and_no_other():
+    """Editing a module a stage imports must make DVC rerun that stage, and editing one it does not import must
+    not (laser/cli.py, laser/io.py and laser/errors.py excepted: they do not change what a stage computes)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    exempt = {"laser/cli.py", "laser/io.py"}
+    exempt = {"laser/cli.py", "laser/io.py", "laser/errors.py", "laser/__init__.py"}
     for name, stage in stages.items():
         stage = stage.get("do", stage)  # foreach stages keep their definition under `do`
         module = stage["cmd"].split("-m ")[1].split()[0]
         imported = {m.replace(".", "/") + ".py" for m in _laser_imports(module, set())}
-        missing = imported - exempt - set(stage["deps"])
-        assert not missing, f"dvc.yaml stage {name!r} lacks code deps {sorted(missing)}"
+        imported = {path for path in imported if (ROOT / path).is_file()} - exempt
+        listed = {dep for dep in stage["deps"] if dep.endswith(".py")}
+        assert not imported - listed, f"dvc.yaml stage {name!r} lacks code deps {sorted(imported - listed)}"
+        extra = sorted(listed - imported)
+        assert not extra, f"dvc.yaml stage {name!r} lists code it does not import {extra}"
+
+
+def test_only_the_library_is_installed():
+    """pip install -e . puts `laser` in site-packages, not generic `stages`/`flows` packages."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert find["include"] == ["laser*"]

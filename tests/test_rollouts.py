@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from laser.cli import StageError
+from laser.errors import StageError
 from laser.generation import Completion
 from laser.rollouts import (
     ROLLOUT_SCHEMA,
