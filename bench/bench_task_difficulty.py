@@ -29,12 +29,12 @@ from laser.runtime import base_model_dir, load_generator, sampling
 from laser.verify import summarize, verify_batch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "task_difficulty.json"
-DEFAULT_TASKS = {
-    "digits1": {"min_digits": 1, "max_digits": 1},
+DEFAULT_TASKS = {  # every knob explicit: SourceParams' defaults are the chosen task (ops12_w10)
+    "digits1": {"min_digits": 1, "max_digits": 1, "max_operand": None, "word_fraction": 0.25},
     "ops12_w10": {"min_digits": 1, "max_digits": 2, "max_operand": 12, "word_fraction": 0.1},
-    "ops12": {"min_digits": 1, "max_digits": 2, "max_operand": 12},
+    "ops12": {"min_digits": 1, "max_digits": 2, "max_operand": 12, "word_fraction": 0.25},
     "ops15_w10": {"min_digits": 1, "max_digits": 2, "max_operand": 15, "word_fraction": 0.1},
-    "ops20": {"min_digits": 1, "max_digits": 2, "max_operand": 20},
+    "ops20": {"min_digits": 1, "max_digits": 2, "max_operand": 20, "word_fraction": 0.25},
     "ops20_nowords": {"min_digits": 1, "max_digits": 2, "max_operand": 20, "word_fraction": 0.0},
 }
 

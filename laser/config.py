@@ -165,12 +165,13 @@ class SourceParams:
     # synthetic generator
     num_problems: int = 1000
     seed: int = 0
+    # the default task (params.yaml): operands 1-12, +/-, 10% word problems; base SmolLM2-135M ~40% right
     min_digits: int = 1
-    max_digits: int = 1
-    max_operand: int | None = None  # the largest operand (null: the largest with max_digits digits)
+    max_digits: int = 2
+    max_operand: int | None = 12  # the largest operand (null: the largest with max_digits digits)
     max_operations: int = 1
     operators: tuple[str, ...] = ("+", "-")
-    word_fraction: float = 0.25  # share of one-operation problems phrased as a short word problem (harder)
+    word_fraction: float = 0.1  # share of one-operation problems phrased as a short word problem (harder)
 
     def validate(self, key: str) -> None:
         if self.kind in ("jsonl", "parquet"):
@@ -199,7 +200,7 @@ class SourceParams:
 class PrepareParams:
     train: SourceParams = field(default_factory=lambda: SourceParams(kind="synthetic", num_problems=2000))
     eval_sets: dict[str, SourceParams] = field(
-        default_factory=lambda: {"synthetic": SourceParams(kind="synthetic", split="test", num_problems=64, seed=1)})
+        default_factory=lambda: {"synthetic": SourceParams(kind="synthetic", split="test", num_problems=32, seed=1)})
     instruction: str = "Solve the problem step by step and put the final answer in \\boxed{}."
     # SmolLM2-135M-Instruct boxes its answer only after seeing examples (0/32 with the instruction alone)
     few_shot: tuple[FewShotTurn, ...] = (
@@ -227,7 +228,7 @@ class GenerationParams:
     backend: Literal["hf"] = "hf"  # a vLLM backend (GPU) plugs in behind laser.generation.Generator
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
     batch_size: int = 16
 
     def __post_init__(self) -> None:
@@ -250,7 +251,7 @@ class VerifierParams:
 
 @dataclass(frozen=True)
 class RefConstantParams:
-    num_prompts: int = 32
+    num_prompts: int = 16
     samples_per_prompt: int = 4
     seed: int = 0
     noise_warning: float = 0.1  # warn when beta_v * std(log pi_ref(z_c)) exceeds this
@@ -266,13 +267,13 @@ class RefConstantParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    steps: int = 20
-    prompts_per_step: int = 8  # B
+    steps: int = 8
+    prompts_per_step: int = 4  # B
     group_size: int = 4  # K
     mini_batch_size: int = 16  # samples per optimizer step
     micro_batch_size: int = 8  # samples per forward
     ppo_epochs: int = 1
-    lr: float = 1e-6
+    lr: float = 1e-5
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -284,18 +285,23 @@ class TrainParams:
     adv_eps: float = 1e-6
     scale_adv_by_std: bool = True
     seed: int = 0
-    checkpoint_every: int = 10
+    checkpoint_every: int = 4
     keep_checkpoints: int = 2  # the newest N checkpoints stay on disk; older ones are deleted after each save
     zero_stage: int = 3
     offload_optimizer: bool = False
     optimizer: Literal["adamw", "cpu_adam"] = "adamw"
+
+    @property
+    def rollouts_per_step(self) -> int:
+        """B·K: samples generated (and trained on) per step."""
+        return self.prompts_per_step * self.group_size
 
     def __post_init__(self) -> None:
         for key in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                     "checkpoint_every", "keep_checkpoints"):
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "an int > 0")
         _require(self.group_size >= 2, "train.group_size", self.group_size, "an int >= 2 (GRPO needs a group)")
-        rollouts = self.prompts_per_step * self.group_size
+        rollouts = self.rollouts_per_step
         _require(rollouts % self.mini_batch_size == 0, "train.mini_batch_size", self.mini_batch_size,
                  f"a divisor of prompts_per_step * group_size = {rollouts}")
         _require(self.mini_batch_size % self.micro_batch_size == 0, "train.micro_batch_size",

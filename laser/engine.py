@@ -64,7 +64,7 @@ def deepspeed_config(train: TrainParams, dtype: str, world_size: int) -> dict:
 
 def lr_lambda(train: TrainParams):
     """Multiplier of the base LR at optimizer step ``i`` (0-based): linear warm-up then constant/cosine/linear."""
-    total = train.steps * train.ppo_epochs * (train.prompts_per_step * train.group_size // train.mini_batch_size)
+    total = train.steps * train.ppo_epochs * (train.rollouts_per_step // train.mini_batch_size)
 
     def factor(i: int) -> float:
         if i < train.warmup_steps:

@@ -178,7 +178,7 @@ def _teach_answer_format(model, tokenizer, steps: int = 300, batch_size: int = 1
     from laser.data import synthetic_problem
 
     rng = random.Random(seed)
-    source = SourceParams(kind="synthetic", min_digits=1, max_digits=1, operators=("+",))
+    source = SourceParams(kind="synthetic", min_digits=1, max_digits=1, operators=("+",), word_fraction=0.25)
     instruction = PrepareParams().instruction
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

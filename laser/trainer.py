@@ -166,8 +166,7 @@ class LaserTrainer:
         return self.params.generation.temperature
 
     def _on_policy(self) -> bool:
-        rollouts = self.train.prompts_per_step * self.train.group_size
-        return self.train.ppo_epochs == 1 and self.train.mini_batch_size == rollouts
+        return self.train.ppo_epochs == 1 and self.train.mini_batch_size == self.train.rollouts_per_step
 
     @torch.no_grad()
     def _old_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:

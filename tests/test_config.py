@@ -160,3 +160,16 @@ def test_apply_profile_merges_and_validates(tmp_path):
     with pytest.raises(ParamsError, match=r"train\.steps"):
         apply_profile(params_path, profile)
     assert yaml.safe_load(params_path.read_text())["train"]["steps"] == 2  # untouched on failure
+
+
+def test_dataclass_defaults_are_params_yaml():
+    """One source of defaults: a test building Params() runs what users run (before, seven knobs differed:
+    train.steps 20 vs 8, lr 1e-6 vs 1e-5, max_new_tokens 64 vs 48, ...)."""
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_rollouts_per_step_is_one_property():
+    from laser.config import TrainParams
+
+    train = TrainParams(prompts_per_step=3, group_size=4, mini_batch_size=12, micro_batch_size=6)
+    assert train.rollouts_per_step == 12

@@ -69,7 +69,8 @@ def test_evaluate_expression_precedence():
 
 
 def test_synthetic_problems_are_exact_distinct_and_seeded():
-    source = SourceParams(kind="synthetic", min_digits=1, max_digits=3, max_operations=3, operators=("+", "-", "*"),
+    source = SourceParams(kind="synthetic", min_digits=1, max_digits=3, max_operand=None, max_operations=3,
+                          operators=("+", "-", "*"),
                           word_fraction=0.5, seed=7)
     take = [r for _, r in zip(range(300), generate_synthetic(source, "t"))]
     again = [r for _, r in zip(range(300), generate_synthetic(source, "t"))]
@@ -100,16 +101,16 @@ def test_synthetic_shapes_without_a_non_negative_answer_are_redrawn():
 
 
 def test_default_synthetic_mix_is_easy_arithmetic(tiny_tokenizer):
-    """The default task, tuned on SmolLM2-135M-Instruct (~59% right): one-digit +/-, a quarter word problems."""
+    """The default task, tuned on SmolLM2-135M-Instruct (~40% right): operands 1-12, +/-, a tenth word problems."""
     data = prepare(PrepareParams(), tiny_tokenizer)
     rows = data.train.rows
     assert len(rows) == 2000 and not data.errors
     numbers = [int(x) for r in rows for x in re.findall(r"\d+", r["problem"])]
-    assert max(numbers) <= 9 and all(0 <= int(r["answer"]) <= 18 for r in rows)
+    assert max(numbers) == 12 and all(0 <= int(r["answer"]) <= 24 for r in rows)
     words = sum(not re.match(r"(What is|Calculate|Compute) ", r["problem"]) for r in rows) / len(rows)
-    assert 0.15 < words < 0.4
+    assert 0.05 < words < 0.2
     assert any(" - " in r["problem"] for r in rows) and any(" + " in r["problem"] for r in rows)
-    # one-digit expressions run out (81 + 45 pairs x 3 wordings): they repeat instead of being replaced
+    # 222 expressions (144 sums, 78 differences) x 3 wordings, less the eval set's: they repeat, not replaced
     assert len({r["problem"] for r in rows}) < 2000
     assert len({r["id"] for r in rows}) == 2000
 
@@ -333,7 +334,7 @@ def test_synthetic_source_whose_every_prompt_is_too_long_stops_and_fails(tiny_to
 
 def test_synthetic_source_with_too_many_rejects_stops_short_and_fails(tiny_tokenizer):
     """Some rows fit, too many do not: the set stops once the limit cannot be met, and that is an error."""
-    source = SourceParams(kind="synthetic", num_problems=400, min_digits=1, max_digits=9)
+    source = SourceParams(kind="synthetic", num_problems=400, min_digits=1, max_digits=9, max_operand=None)
     budget = len(tiny_tokenizer(render_prompt("What is 5 + 5?", PrepareParams().instruction, PrepareParams().few_shot,
                                               tiny_tokenizer, "chat")[1], add_special_tokens=False)["input_ids"])
     data = prepare(small(train=source, max_prompt_tokens=budget + 4, max_reject_fraction=0.5), tiny_tokenizer)
