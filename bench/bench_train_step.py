@@ -31,7 +31,8 @@ from laser.config import Params, build  # noqa: E402
 from laser.io import atomic_write_json  # noqa: E402
 from laser.models import load_model, load_tokenizer, resolve_model_dir  # noqa: E402
 from laser.schedule import Phase  # noqa: E402
-from laser.trainer import LaserTrainer, Rollout, SelfRewardTokens  # noqa: E402
+from laser.score import SelfRewardConfig  # noqa: E402
+from laser.trainer import LaserTrainer, Rollout  # noqa: E402
 
 
 def make_trainer(model_name: str) -> LaserTrainer:
@@ -43,7 +44,8 @@ def make_trainer(model_name: str) -> LaserTrainer:
     tokenizer = load_tokenizer(model_dir)
     engine = ds.initialize(load_model(model_dir), params.train, "float32", world_size=1)
     problems = [{"id": str(i), "answer": "1", "prompt": "x"} for i in range(4)]
-    return LaserTrainer(params, engine, tokenizer, problems, SelfRewardTokens(z_c_id=6, c_ref=-26.6))
+    config = SelfRewardConfig("z_c", 6, c_ref=-26.6, beta_v=params.self_reward.beta_v)
+    return LaserTrainer(params, engine, tokenizer, problems, config)
 
 
 def fixed_rollout(trainer: LaserTrainer, length: int) -> Rollout:

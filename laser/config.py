@@ -60,11 +60,13 @@ class PathsParams:
     train_steps: str = "train/steps.jsonl"
     train_metrics: str = "train/metrics.json"
     train_curves: str = "train/curves.csv"  # the step log as CSV: DVC plots read CSV/JSON/YAML, not JSON lines
+    train_completions: str = "train/completions.jsonl"  # a few decoded samples per step (train.completions_per_step)
     rollouts_dir: str = "rollouts"
     eval_metrics: str = "eval/metrics.json"
     eval_plots: str = "eval/plots"
     eval_report: str = "eval/report.md"
     cache_dir: str = ".cache"  # may be absolute (a cache shared between checkouts); it is not a DVC output
+    logs_dir: str = "logs"  # each stage's <stage>.log (laser/logs.py): ignored by DVC and git, not an output
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -127,12 +129,16 @@ class SelfRewardParams:
     std_threshold: float = 0.1
     warmup_rl_steps: int = 0  # w_r: steps <= w_r are plain GRPO
     warmup_self_reward_steps: int = 0  # w_sr: integration starts after w_r + w_sr
+    # z_c must leave room for a score of 1: c_ref + 1/beta_v <= -headroom_margin (nats; see laser.score)
+    headroom_margin: float = 1.0
+    noise_warning: float = 0.1  # warn when beta_v * std(log pi_ref(z_c)) exceeds this
 
     def __post_init__(self) -> None:
         _require(self.beta_v > 0, "self_reward.beta_v", self.beta_v, "a number > 0")
         _require(self.alpha >= 0, "self_reward.alpha", self.alpha, "a number >= 0")
         _require(0 <= self.tau <= 1, "self_reward.tau", self.tau, "a number in [0, 1]")
         _require(self.std_threshold >= 0, "self_reward.std_threshold", self.std_threshold, "a number >= 0")
+        _require(self.headroom_margin >= 0, "self_reward.headroom_margin", self.headroom_margin, "a number >= 0")
         _require(self.warmup_rl_steps >= 0, "self_reward.warmup_rl_steps", self.warmup_rl_steps, "an int >= 0")
         _require(self.warmup_self_reward_steps >= 0, "self_reward.warmup_self_reward_steps",
                  self.warmup_self_reward_steps, "an int >= 0")
@@ -254,15 +260,12 @@ class RefConstantParams:
     num_prompts: int = 16
     samples_per_prompt: int = 4
     seed: int = 0
-    noise_warning: float = 0.1  # warn when beta_v * std(log pi_ref(z_c)) exceeds this
-    # z_c must leave room for a score of 1: c_ref + 1/beta_v <= -headroom_margin (nats; see laser.score)
-    headroom_margin: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.num_prompts > 0, "ref_constant.num_prompts", self.num_prompts, "an int > 0")
         _require(self.samples_per_prompt > 0, "ref_constant.samples_per_prompt", self.samples_per_prompt,
                  "an int > 0")
-        _require(self.headroom_margin >= 0, "ref_constant.headroom_margin", self.headroom_margin, "a number >= 0")
+
 
 
 @dataclass(frozen=True)
@@ -290,6 +293,7 @@ class TrainParams:
     zero_stage: int = 3
     offload_optimizer: bool = False
     optimizer: Literal["adamw", "cpu_adam"] = "adamw"
+    completions_per_step: int = 2  # decoded samples kept per step in paths.train_completions (0: none)
 
     @property
     def rollouts_per_step(self) -> int:
@@ -318,6 +322,8 @@ class TrainParams:
                  "a number > 0 (it keeps a group whose rewards are all equal from dividing 0 by 0)")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an int >= 0")
+        _require(self.completions_per_step >= 0, "train.completions_per_step", self.completions_per_step,
+                 "an int >= 0")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "0, 1, 2 or 3")
         if self.offload_optimizer:  # DeepSpeed refuses a torch optimizer for an offloaded (CPU-resident) state
             _require(self.optimizer == "cpu_adam", "train.optimizer", self.optimizer,

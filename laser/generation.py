@@ -36,7 +36,8 @@ class Sampling:
 
 @dataclass
 class Completion:
-    """One sampled response. ``probe_logprobs[j]`` = log π(probe_token_ids[j] | x, y, EOS); None if truncated."""
+    """One sampled response. ``probe_logprobs[t]`` = log π(t | x, y, EOS) for each probe token id t; None if
+    truncated (no EOS, nothing after it)."""
 
     prompt_index: int
     sample_index: int
@@ -44,7 +45,7 @@ class Completion:
     response_token_ids: list[int]  # including the final EOS when finished
     text: str
     finish_reason: str  # "eos" | "length"
-    probe_logprobs: list[float] | None
+    probe_logprobs: dict[int, float] | None
 
 
 class Generator(Protocol):
@@ -140,7 +141,7 @@ class HFGenerator:
         state = _DecodeState(list(range(len(chunk))), mask, position[:, -1] + 1, _new_cache(self.model))
         logits = self._forward(ids, mask, position, state.cache)
         responses: list[list[int]] = [[] for _ in chunk]
-        probes: list[list[float] | None] = [None] * len(chunk)
+        probes: list[dict[int, float] | None] = [None] * len(chunk)
         stop = torch.tensor(self.stop_token_ids, device=device)
         awaiting_probe = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         for step in range(sampling.max_new_tokens + 1):
@@ -148,7 +149,7 @@ class HFGenerator:
                 # These rows fed their EOS in the previous step: these logits are log π(· | x, y, EOS).
                 probe_logprobs = torch.log_softmax(logits[awaiting_probe].float(), dim=-1)[:, probe_ids]
                 for row, values in zip(_masked(state.rows, awaiting_probe), probe_logprobs.tolist()):
-                    probes[row] = values
+                    probes[row] = dict(zip(probe_ids, values))
             active = ~awaiting_probe
             if step == sampling.max_new_tokens:
                 break

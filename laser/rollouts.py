@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json
-from laser.score import self_reward_score, two_token_score
+from laser.score import SelfRewardConfig
 
 LASER_JSON = "laser.json"
 
@@ -43,62 +41,48 @@ ROLLOUT_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class SelfRewardConfig:
-    """Everything needed to score with a model: the ``laser.json`` beside an exported model's weights."""
-
-    self_reward_token: str
-    self_reward_token_id: int
-    c_ref: float
-    beta_v: float
-    incorrect_token_id: int | None = None  # z_i of the SFT ablation only: then score = sigmoid(lp(z_c) − lp(z_i))
-
-    @property
-    def probe_token_ids(self) -> list[int]:
-        """Tokens whose log-prob after EOS the score needs: z_c (and z_i for the SFT ablation)."""
-        extra = [] if self.incorrect_token_id is None else [self.incorrect_token_id]
-        return [self.self_reward_token_id, *extra]
-
-    def score(self, probe_logprobs: list[float] | None) -> float | None:
-        """r_s from the probe log-probs (None for a truncated response)."""
-        if probe_logprobs is None:
-            return None
-        values = torch.tensor(probe_logprobs, dtype=torch.float64)
-        if self.incorrect_token_id is not None:
-            return float(two_token_score(values[0], values[1]))
-        return float(self_reward_score(values[0], self.c_ref, self.beta_v))
+_LASER_JSON_KEYS = ("self_reward_token", "self_reward_token_id", "c_ref", "beta_v")  # the README's contract
 
 
 def read_self_reward_config(path: str | Path) -> SelfRewardConfig:
-    """From a ``laser.json`` (a model dir or the file itself) or the ref_constant JSON (a superset)."""
+    """From an exported model's ``laser.json`` (the model dir or the file itself); ``incorrect_token_id``, when
+    present, makes it the sft ablation's config."""
     path = Path(path)
     if path.is_dir():
         path = path / LASER_JSON
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise StageError(f"{path}: self-reward config not found (run the ref_constant or train stage)") from None
-    keys = [f for f in SelfRewardConfig.__dataclass_fields__]
-    missing = [k for k in keys[:4] if k not in data]
+        raise StageError(f"{path}: self-reward config not found (the train stage exports it beside the model; "
+                         "for the base model it comes from the ref_constant stage)") from None
+    missing = [k for k in _LASER_JSON_KEYS if k not in data]
     if missing:
-        raise StageError(f"{path}: missing keys {missing} (a laser.json needs {keys[:4]})")
-    return SelfRewardConfig(**{k: data[k] for k in keys if k in data})
+        raise StageError(f"{path}: missing keys {missing} (a laser.json needs {list(_LASER_JSON_KEYS)})")
+    z_i = data.get("incorrect_token_id")
+    return SelfRewardConfig(data["self_reward_token"], data["self_reward_token_id"], data["c_ref"], data["beta_v"],
+                            kind="mse" if z_i is None else "sft", z_i_id=z_i)
+
+
+def laser_json(config: SelfRewardConfig) -> dict:
+    """The ``laser.json`` contract keys of ``config``."""
+    data = {"self_reward_token": config.z_c_token, "self_reward_token_id": config.z_c_id, "c_ref": config.c_ref,
+            "beta_v": config.beta_v}
+    return data if config.z_i_id is None else {**data, "incorrect_token_id": config.z_i_id}
 
 
 def write_self_reward_config(model_dir: str | Path, config: SelfRewardConfig) -> None:
-    data = {k: v for k, v in asdict(config).items() if v is not None}
-    atomic_write_json(Path(model_dir) / LASER_JSON, data)
+    atomic_write_json(Path(model_dir) / LASER_JSON, laser_json(config))
 
 
 def rollout_rows(completions, problems: Sequence[dict], verdicts, config: SelfRewardConfig | None,
                  eval_set: str) -> list[dict]:
-    """One parquet row per completion. ``problems[c.prompt_index]`` holds ``id`` and ``answer``;
-    ``probe_logprobs[0]`` of each completion is log π(z_c | x, y, EOS)."""
+    """One parquet row per completion. ``problems[c.prompt_index]`` holds ``id`` and ``answer``; each
+    completion's ``probe_logprobs[config.z_c_id]`` is log π(z_c | x, y, EOS)."""
     rows = []
     for completion, verdict in zip(completions, verdicts, strict=True):
         problem = problems[completion.prompt_index]
         probes = completion.probe_logprobs
-        z_c = probes[0] if probes else None
+        z_c = probes[config.z_c_id] if probes and config else None
         rows.append({
             "problem_id": str(problem["id"]),
             "sample_idx": completion.sample_index,
@@ -127,8 +111,3 @@ def write_rollouts(path: str | Path, rows: list[dict]) -> None:
 def read_problems(path: str | Path) -> list[dict]:
     """The prepared rows (id, problem, answer, prompt, ...) of a data parquet, as dicts."""
     return pq.read_table(path).to_pylist()
-
-
-def tokenize_prompts(tokenizer, problems: Sequence[dict]) -> list[list[int]]:
-    """Token ids of each prepared ``prompt`` text (already chat-formatted: no special tokens added)."""
-    return [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]

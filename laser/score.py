@@ -14,7 +14,44 @@ when finished). Token log-probs use the "target" layout: ``token_logprobs[b, t] 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+
+
+@dataclass(frozen=True)
+class SelfRewardConfig:
+    """How a model scores its own answers: z_c (its token and id), c_ref, β_v, and the loss ``kind`` — ``mse``
+    (LaSeR) or ``sft`` (the paper's ablation, which also needs z_i). What an exported model's ``laser.json``
+    holds (laser.rollouts reads and writes it); built from params and the reference statistics by
+    ``laser.runtime.self_reward_config``."""
+
+    z_c_token: str
+    z_c_id: int
+    c_ref: float
+    beta_v: float
+    kind: Literal["mse", "sft"] = "mse"
+    z_i_id: int | None = None  # sft only: score = sigmoid(log π(z_c) − log π(z_i))
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mse", "sft") or (self.kind == "sft") != (self.z_i_id is not None):
+            raise ValueError(f"self-reward kind {self.kind!r} with z_i id {self.z_i_id!r}: sft needs z_i, mse none")
+
+    @property
+    def probe_token_ids(self) -> list[int]:
+        """Tokens whose log-prob after EOS the score needs: z_c (and z_i for sft)."""
+        return [self.z_c_id] if self.z_i_id is None else [self.z_c_id, self.z_i_id]
+
+    def score(self, probe_logprobs: Mapping[int, float] | None) -> float | None:
+        """r_s from the probe log-probs by token id (None for a truncated response: no score)."""
+        if probe_logprobs is None:
+            return None
+        if self.kind == "sft":
+            return 1.0 / (1.0 + math.exp(probe_logprobs[self.z_i_id] - probe_logprobs[self.z_c_id]))
+        return self.beta_v * (probe_logprobs[self.z_c_id] - self.c_ref)
 
 
 def z_c_slot(response_mask: torch.Tensor, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,22 +31,14 @@ from laser import engine as ds
 from laser.advantages import grpo_advantages, integrate_advantages, self_reward_advantages
 from laser.batch import PolicyBatch, collate, policy_forward
 from laser.config import Params
-from laser.generation import HFGenerator, Sampling
 from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft_loss
 from laser.metrics import auroc, self_verification
-from laser.rollouts import SelfRewardConfig
-from laser.runtime import verify_completions
+from laser.runtime import make_generator, sampling, tokenize_prompts, verify_completions
 from laser.schedule import Phase, warmup_phase
+from laser.score import SelfRewardConfig
 from laser.verify import UNJUDGED, summarize
 
 STEP_NORMALISED = ("self_reward_mse", "self_reward_sft")  # losses divided by the step's class counts
-
-
-@dataclass(frozen=True)
-class SelfRewardTokens:
-    z_c_id: int
-    c_ref: float
-    z_i_id: int | None = None  # SFT ablation only
 
 
 @dataclass
@@ -75,14 +67,12 @@ def prompt_indices(step: int, prompts_per_step: int, num_problems: int, seed: in
 
 
 class LaserTrainer:
-    def __init__(self, params: Params, engine, tokenizer, problems: list[dict], tokens: SelfRewardTokens,
+    def __init__(self, params: Params, engine, tokenizer, problems: list[dict], config: SelfRewardConfig,
                  rank: int = 0, world_size: int = 1, ref_model=None):
         self.params, self.engine, self.tokenizer, self.problems = params, engine, tokenizer, problems
-        self.tokens, self.rank, self.world_size, self.ref_model = tokens, rank, world_size, ref_model
+        self.config, self.rank, self.world_size, self.ref_model = config, rank, world_size, ref_model
         self.train = params.train
-        self.prompt_ids = [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
-        self.score_config = SelfRewardConfig("z_c", tokens.z_c_id, tokens.c_ref, params.self_reward.beta_v,
-                                             tokens.z_i_id)
+        self.prompt_ids = tokenize_prompts(tokenizer, problems)
 
     # ------------------------------------------------------------------------------------------------ rollouts
 
@@ -90,16 +80,15 @@ class LaserTrainer:
         indices = prompt_indices(step, self.train.prompts_per_step, len(self.problems), self.train.seed)
         positions = range(self.rank, len(indices), self.world_size)  # whole groups per rank
         mine = [indices[j] for j in positions]
-        g = self.params.generation
-        sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens, seed=self.train.seed + 7919 * step)
+        step_sampling = sampling(self.params, seed=self.train.seed + 7919 * step)
         # one seed per prompt of the step, from its place in the step: the samples do not depend on the world size
-        seeds = [sampling.seed * 100_003 + j for j in positions]
-        probes = self.score_config.probe_token_ids
+        seeds = [step_sampling.seed * 100_003 + j for j in positions]
         with ds.gathered_for_generation(self.engine) as model:
             model.eval()
-            generator = HFGenerator(model, self.tokenizer, batch_size=g.batch_size)
-            completions = generator.generate([self.prompt_ids[i] for i in mine], self.train.group_size, sampling,
-                                             probe_token_ids=probes, seeds=seeds)
+            generator = make_generator(self.params, model, self.tokenizer)
+            completions = generator.generate([self.prompt_ids[i] for i in mine], self.train.group_size,
+                                             step_sampling, probe_token_ids=self.config.probe_token_ids,
+                                             seeds=seeds)
         v = self.params.verifier
         verdicts = verify_completions(completions, [self.problems[mine[c.prompt_index]]["answer"] for c in completions],
                                       v, v.require_single_boxed)
@@ -113,8 +102,8 @@ class LaserTrainer:
             judged=torch.tensor([v.status not in UNJUDGED for v in verdicts]),
         )
 
-    def _score(self, probe_logprobs: list[float] | None) -> float:
-        score = self.score_config.score(probe_logprobs)
+    def _score(self, probe_logprobs: dict[int, float] | None) -> float:
+        score = self.config.score(probe_logprobs)
         return 0.0 if score is None else score
 
     # ---------------------------------------------------------------------------------------------- advantages
@@ -140,7 +129,7 @@ class LaserTrainer:
     def policy_batch(self, rollout: Rollout) -> PolicyBatch:
         """z_c goes after the EOS of finished, judged samples: the self-reward loss needs a slot and a known label."""
         return collate(rollout.prompts, rollout.responses, (rollout.finished & rollout.judged).tolist(),
-                       self.tokens.z_c_id, self.tokenizer.pad_token_id)
+                       self.config.z_c_id, self.tokenizer.pad_token_id)
 
     def train_on(self, rollout: Rollout, advantages: torch.Tensor, phase: Phase) -> dict:
         batch = self.policy_batch(rollout)
@@ -222,7 +211,7 @@ class LaserTrainer:
         batch = batch.to(device)
         rewards, advantages = rewards.to(device), advantages.to(device)
         old_logprobs = None if old_logprobs is None else old_logprobs.to(device)
-        extra = self.tokens.z_i_id if sr.loss == "sft" else None
+        extra = self.config.z_i_id  # z_i for the sft ablation, else None
         token_logprobs, z_c_logprob, z_i_logprob = policy_forward(self.engine, batch, extra, self._temperature)
         old = token_logprobs.detach() if old_logprobs is None else old_logprobs[:, :token_logprobs.shape[1]]
         ref = self._ref_logprobs(batch) if self.train.kl_coef > 0 else None
@@ -232,11 +221,11 @@ class LaserTrainer:
                                             kl_coef=self.train.kl_coef, num_tokens=counts["num_tokens"])
         finished = batch.has_slot
         class_counts = {"num_correct": counts["num_correct"], "num_incorrect": counts["num_incorrect"]}
-        if sr.loss == "sft":
+        if self.config.kind == "sft":
             sr_loss, sr_metrics = self_reward_sft_loss(z_c_logprob, z_i_logprob, rewards, finished, **class_counts)
         else:
-            sr_loss, sr_metrics = self_reward_mse_loss(z_c_logprob, rewards, finished, self.tokens.c_ref,
-                                                       sr.beta_v, **class_counts)
+            sr_loss, sr_metrics = self_reward_mse_loss(z_c_logprob, rewards, finished, self.config.c_ref,
+                                                       self.config.beta_v, **class_counts)
         use_sr = sr.enabled and phase.self_reward_loss
         loss = pg_loss + sr.alpha * sr_loss if use_sr else pg_loss
         # the self-reward loss is logged only while it is on (null in the step log otherwise: GRPO-only, warm-up)

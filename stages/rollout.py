@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,16 +24,21 @@ from pathlib import Path
 from laser.cli import stage_main
 from laser.config import Params
 from laser.io import atomic_path
-from laser.rollouts import (
-    SelfRewardConfig,
-    read_problems,
-    read_self_reward_config,
-    rollout_rows,
+from laser.rollouts import read_problems, read_self_reward_config, rollout_rows, write_rollouts
+from laser.runtime import (
+    base_model_dir,
+    code_digest,
+    files_digest,
+    load_generator,
+    sampling,
+    self_reward_config,
     tokenize_prompts,
-    write_rollouts,
+    verify_completions,
 )
-from laser.runtime import base_model_dir, code_digest, files_digest, load_generator, sampling, verify_completions
+from laser.score import SelfRewardConfig
 from laser.verify import summarize
+
+log = logging.getLogger("laser.stages.rollout")
 
 
 def rollout_eval_set(params: Params, generator, tokenizer, config: SelfRewardConfig, problems: list[dict],
@@ -49,7 +55,10 @@ def rollout_eval_set(params: Params, generator, tokenizer, config: SelfRewardCon
 def model_source(params: Params, model: str) -> tuple[Path, SelfRewardConfig]:
     if model == "trained":
         return Path(params.paths.trained_model), read_self_reward_config(params.paths.trained_model)
-    return base_model_dir(params), read_self_reward_config(params.paths.ref_constant)
+    config, noise_warning = self_reward_config(params)
+    if noise_warning:
+        log.warning("%s", noise_warning)
+    return base_model_dir(params), config
 
 
 def work_file(params: Params, model: str, model_dir: Path, config: SelfRewardConfig, eval_set: str) -> Path:
@@ -69,15 +78,15 @@ def run(params: Params, args) -> None:
     generator = tokenizer = None
     for eval_set, work in finished.items():
         if work.exists():
-            print(f"{args.model}/{eval_set}: reused, finished by an earlier attempt ({work})")
+            log.info(f"{args.model}/{eval_set}: reused, finished by an earlier attempt ({work})")
             continue
         if generator is None:  # a retry whose sets are all finished loads no model
             tokenizer, _model, generator = load_generator(params, model_dir)
         problems = read_problems(Path(params.paths.eval_data_dir) / f"{eval_set}.parquet")
         rows, counts = rollout_eval_set(params, generator, tokenizer, config, problems, eval_set)
         write_rollouts(work, rows)
-        print(f"{args.model}/{eval_set}: {len(rows)} samples, accuracy {counts['accuracy']:.3f}, "
-              f"statuses {({k: v for k, v in counts.items() if k not in ('total', 'accuracy')})}")
+        log.info(f"{args.model}/{eval_set}: {len(rows)} samples, accuracy {counts['accuracy']:.3f}, "
+                 f"statuses {({k: v for k, v in counts.items() if k not in ('total', 'accuracy')})}")
     with atomic_path(Path(params.paths.rollouts_dir) / args.model, is_dir=True) as out_dir:
         for eval_set, work in finished.items():
             shutil.copyfile(work, out_dir / f"{eval_set}.parquet")
@@ -90,7 +99,7 @@ def _arguments(parser) -> None:
 
 
 def main(argv=None) -> None:
-    stage_main(run, __doc__.splitlines()[0], argv, _arguments)
+    stage_main(run, __doc__.splitlines()[0], argv, _arguments, log_name=lambda args: f"rollout-{args.model}")
 
 
 if __name__ == "__main__":

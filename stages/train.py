@@ -17,8 +17,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,12 +31,14 @@ from laser.config import Params
 from laser.engine import gathered_for_generation
 from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable
-from laser.models import load_model, load_tokenizer, token_id
-from laser.rollouts import SelfRewardConfig, read_problems, read_self_reward_config, write_self_reward_config
-from laser.runtime import base_model_dir, code_digest
-from laser.trainer import LaserTrainer, SelfRewardTokens, append_jsonl, run_step
+from laser.models import load_model, load_tokenizer
+from laser.rollouts import read_problems, write_self_reward_config
+from laser.runtime import base_model_dir, code_digest, self_reward_config
+from laser.score import SelfRewardConfig
+from laser.trainer import LaserTrainer, append_jsonl, run_step
 
 FINGERPRINT = "fingerprint.json"
+log = logging.getLogger("laser.stages.train")
 
 
 def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) -> str:
@@ -62,8 +65,8 @@ def prepare_checkpoint_dir(ckpt_dir: Path, steps_log: Path, expected: str, steps
             return False
         if int(latest.read_text().strip().removeprefix("step")) <= steps:
             return True
-        print(f"{ckpt_dir}: the latest checkpoint ({latest.read_text().strip()}) is past train.steps={steps}; "
-              "starting over")
+        log.warning(f"{ckpt_dir}: the latest checkpoint ({latest.read_text().strip()}) is past "
+                    f"train.steps={steps}; starting over")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     steps_log.unlink(missing_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -96,11 +99,6 @@ def truncate_log(steps_log: Path, last_step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             break
     atomic_write_text(steps_log, "".join(f"{line}\n" for line in kept))
-
-
-def self_reward_tokens(params: Params, tokenizer, ref_config: SelfRewardConfig) -> SelfRewardTokens:
-    z_i = token_id(tokenizer, params.self_reward.incorrect_token) if params.self_reward.loss == "sft" else None
-    return SelfRewardTokens(z_c_id=ref_config.self_reward_token_id, c_ref=ref_config.c_ref, z_i_id=z_i)
 
 
 def export_model(engine, tokenizer, out_dir: Path, ref_config: SelfRewardConfig, rank: int) -> None:
@@ -158,8 +156,9 @@ def train(params: Params) -> None:
                          f"multiple of {world_size} and train.mini_batch_size={t.mini_batch_size} a multiple of "
                          f"{world_size} x micro_batch_size={t.micro_batch_size}")
     paths = params.paths
-    ref_config = read_self_reward_config(paths.ref_constant)
-    ref_config = replace(ref_config, beta_v=params.self_reward.beta_v)
+    ref_config, noise_warning = self_reward_config(params)
+    if noise_warning and rank == 0:
+        print(f"warning: {noise_warning}")
     model_dir = base_model_dir(params)
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
     model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code)
@@ -181,11 +180,11 @@ def train(params: Params) -> None:
         start = client_state["step"]
         if rank == 0:
             truncate_log(steps_log, start)
-            print(f"resumed from checkpoint at step {start}")
+            log.info(f"resumed from checkpoint at step {start}")
     if rank == 0 and start == 0:
         steps_log.unlink(missing_ok=True)  # a crash before the first checkpoint leaves lines to drop
     trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
-                           self_reward_tokens(params, tokenizer, ref_config), rank, world_size, ref_model)
+                           ref_config, rank, world_size, ref_model)
     steps_log.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(range(start + 1, params.train.steps + 1), desc="train", disable=rank != 0, initial=start,
                total=params.train.steps)

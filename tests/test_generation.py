@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from laser.batch import collate, policy_forward
 from laser.errors import ModelError, StageError
 from laser.generation import HFGenerator, Sampling, full_forward_probe_logprobs, left_pad, sample_next_token
 from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
+from laser.runtime import choose_z_c, self_reward_config
 
 
 def _chat_prompts(tokenizer, questions):
@@ -22,7 +25,8 @@ def _assert_probe_equivalence(model, completions, probe_ids, atol):
     assert finished, "no finished sample: the equivalence would be vacuous"
     for c in finished:
         reference = full_forward_probe_logprobs(model, c.prompt_token_ids, c.response_token_ids, probe_ids)
-        assert c.probe_logprobs == pytest.approx(reference, abs=atol)
+        assert list(c.probe_logprobs) == list(probe_ids)  # named by token id, in the order asked
+        assert list(c.probe_logprobs.values()) == pytest.approx(reference, abs=atol)
     for c in completions:
         if c.finish_reason == "length":
             assert c.probe_logprobs is None
@@ -169,13 +173,20 @@ def test_ref_constant_auto_picks_the_steadiest_candidate(tiny_model_dir, repo_ca
     problems = [{"id": str(i), "answer": str(i), "prompt": tokenizer.apply_chat_template(
         [{"role": "user", "content": f"What is {i} + 1?"}], tokenize=False, add_generation_prompt=True)}
         for i in range(5)]
-    summary, values = ref_constant(params, HFGenerator(model, tokenizer), tokenizer, problems)
+    summary, plot = ref_constant(params, HFGenerator(model, tokenizer), tokenizer, problems)
     stds = {c["token"]: c["std"] for c in summary["candidates"]}
-    assert set(stds) == set(z_c_candidates(tokenizer))
-    assert summary["self_reward_token"] == min(stds, key=stds.get)
-    assert summary["n"] == len(values) > 0
-    assert summary["c_ref"] == pytest.approx(sum(values) / len(values))
-    assert summary["score_noise"] == pytest.approx(0.1 * summary["std"])
+    assert set(stds) == set(z_c_candidates(tokenizer)) and summary["selection"] == "auto"
+    assert "beta_v" not in json.dumps(summary)  # the reference statistics do not depend on beta_v
+    assert len(plot) == summary["n"] * len(stds) and summary["n"] > 0
+    for candidate in summary["candidates"]:
+        values = [row["logprob"] for row in plot if row["token"] == candidate["token"]]
+        assert candidate["mean"] == pytest.approx(sum(values) / len(values))
+    # the choice, where beta_v is known: the steadiest candidate that leaves room for a score of 1
+    config, _warning = self_reward_config(params, summary)
+    roomy = {c["token"]: c["std"] for c in summary["candidates"] if c["mean"] + 10 <= -1.0}
+    assert config.z_c_token == min(roomy, key=roomy.get)
+    assert config.c_ref == next(c["mean"] for c in summary["candidates"] if c["token"] == config.z_c_token)
+    assert config.beta_v == 0.1 and config.kind == "mse"
 
 
 def test_training_logprobs_follow_the_sampling_temperature_and_z_c_does_not(tiny_model_dir):
@@ -203,7 +214,8 @@ def test_training_logprobs_follow_the_sampling_temperature_and_z_c_does_not(tiny
         expected = [torch.log_softmax(logits[t - 1] / 0.7, dim=-1)[ids[t]].item() for t in range(start, len(ids))]
         assert hot[r, start:len(ids)].tolist() == pytest.approx(expected, abs=1e-4)
         if c.finish_reason == "eos":
-            assert [z_c_hot[r].item(), z_i_hot[r].item()] == pytest.approx(c.probe_logprobs, abs=1e-4)
+            assert [z_c_hot[r].item(), z_i_hot[r].item()] == pytest.approx([c.probe_logprobs[z_c],
+                                                                           c.probe_logprobs[z_i]], abs=1e-4)
         else:
             assert z_c_hot[r].item() == 0.0
 
@@ -215,8 +227,6 @@ def _candidate(token: str, mean: float, std: float) -> dict:
 def test_auto_z_c_skips_a_steady_but_likely_token():
     """A likely token (log-prob near 0) is steady, so std alone picked it; yet with c_ref = -2 a score of 1 needs
     log π(z_c) = 8 > 0 at β_v = 0.1: no correct answer could reach its target."""
-    from stages.ref_constant import choose_z_c
-
     stats = [_candidate("likely", -2.0, 0.1), _candidate("rare", -25.0, 0.8), _candidate("rarer", -30.0, 1.5)]
     assert choose_z_c(stats, beta_v=0.1, margin=1.0, auto=True) == 1
     assert choose_z_c(stats, beta_v=1.0, margin=1.0, auto=True) == 0  # at β_v = 1 a score of 1 needs -1: room
@@ -224,7 +234,6 @@ def test_auto_z_c_skips_a_steady_but_likely_token():
 
 def test_named_z_c_without_room_for_a_score_of_1_is_an_error_naming_the_fix():
     from laser.errors import StageError
-    from stages.ref_constant import choose_z_c
 
     with pytest.raises(StageError, match=r"'likely'.*c_ref = -5.00.*raise self_reward.beta_v to at least 0.25"):
         choose_z_c([_candidate("likely", -5.0, 0.1)], beta_v=0.1, margin=1.0, auto=False)

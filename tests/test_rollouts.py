@@ -13,12 +13,12 @@ from laser.errors import StageError
 from laser.generation import Completion
 from laser.rollouts import (
     ROLLOUT_SCHEMA,
-    SelfRewardConfig,
     read_self_reward_config,
     rollout_rows,
     write_rollouts,
     write_self_reward_config,
 )
+from laser.score import SelfRewardConfig
 from laser.verify import Verdict
 
 
@@ -29,11 +29,14 @@ def test_laser_json_round_trip_and_scores(tmp_path):
         "self_reward_token": "<z>", "self_reward_token_id": 7, "c_ref": -23.0, "beta_v": 0.1}
     assert read_self_reward_config(tmp_path) == config
     assert config.probe_token_ids == [7]
-    assert config.score([-18.0]) == pytest.approx(0.5)
+    assert config.score({7: -18.0}) == pytest.approx(0.5)
     assert config.score(None) is None
-    sft = SelfRewardConfig("<z>", 7, -23.0, 0.1, incorrect_token_id=8)
+    sft = SelfRewardConfig("<z>", 7, -23.0, 0.1, kind="sft", z_i_id=8)
     assert sft.probe_token_ids == [7, 8]
-    assert sft.score([math.log(0.3), math.log(0.1)]) == pytest.approx(0.75)
+    assert sft.score({7: math.log(0.3), 8: math.log(0.1)}) == pytest.approx(0.75)
+    assert sft.score({8: math.log(0.1), 7: math.log(0.3)}) == pytest.approx(0.75)  # by id, not by position
+    with pytest.raises(ValueError, match="sft needs z_i"):
+        SelfRewardConfig("<z>", 7, -23.0, 0.1, kind="sft")
     write_self_reward_config(tmp_path, sft)
     assert read_self_reward_config(tmp_path / "laser.json") == sft
 
@@ -48,7 +51,7 @@ def test_laser_json_missing_key_is_named(tmp_path):
 
 def test_rollout_rows_follow_the_schema(tmp_path):
     completions = [
-        Completion(0, 0, [1, 2], [5, 6, 9], "x \\boxed{3}", "eos", [-20.0]),
+        Completion(0, 0, [1, 2], [5, 6, 9], "x \\boxed{3}", "eos", {7: -20.0}),
         Completion(0, 1, [1, 2], [5, 5, 5], "x", "length", None),
     ]
     verdicts = [Verdict("correct", 1, "3"), Verdict("no_answer", 0, None)]
@@ -80,9 +83,9 @@ def test_rollout_stage_resumes_the_eval_sets_an_earlier_attempt_finished(tmp_pat
     prepare_stage.main([])
     z_c = "<|z_c|>"
     Path("ref").mkdir()
-    Path("ref/ref_constant.json").write_text(json.dumps({
-        "self_reward_token": z_c, "self_reward_token_id": tiny_tokenizer.convert_tokens_to_ids(z_c), "c_ref": -11.5,
-        "beta_v": 0.1}))
+    Path("ref/ref_constant.json").write_text(json.dumps({"selection": "fixed", "candidates": [{
+        "token": z_c, "token_id": tiny_tokenizer.convert_tokens_to_ids(z_c), "mean": -11.5, "std": 0.5, "min": -12.0,
+        "max": -11.0}]}))
     good_b = Path("data/eval/b.parquet").read_bytes()
     Path("data/eval/b.parquet").write_bytes(b"not parquet")  # set a finishes, then set b fails
     with pytest.raises(ValueError, match=r"(?i)parquet"):  # pyarrow's ArrowInvalid: an unexpected failure, retried
@@ -108,7 +111,7 @@ class ScriptedGenerator:
         self.texts = texts
 
     def generate(self, prompts, num_samples, sampling, probe_token_ids=(), progress=False):
-        return [Completion(0, i, list(prompts[0]), [1, 2], text, "eos", [-20.0] * len(probe_token_ids))
+        return [Completion(0, i, list(prompts[0]), [1, 2], text, "eos", dict.fromkeys(probe_token_ids, -20.0))
                 for i, text in enumerate(self.texts)]
 
 

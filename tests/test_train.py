@@ -21,8 +21,8 @@ from laser.batch import collate, policy_forward
 from laser.config import Params, TrainParams, build
 from laser.models import load_model, load_tokenizer, token_id
 from laser.schedule import Phase
-from laser.score import self_reward_score
-from laser.trainer import LaserTrainer, Rollout, SelfRewardTokens, run_step
+from laser.score import SelfRewardConfig, self_reward_score
+from laser.trainer import LaserTrainer, Rollout, run_step
 
 ROOT = Path(__file__).resolve().parents[1]
 C_REF = -11.5
@@ -57,8 +57,8 @@ def make_trainer(tiny_model_dir, repo_cache):
         tokenizer = load_tokenizer(tiny_model_dir)
         engine = ds.initialize(load_model(tiny_model_dir), params.train, "float32", world_size=1)
         engines.append(engine)
-        tokens = SelfRewardTokens(z_c_id=token_id(tokenizer, "<|z_c|>"), c_ref=C_REF)
-        return LaserTrainer(params, engine, tokenizer, _problems(tokenizer), tokens)
+        config = SelfRewardConfig("<|z_c|>", token_id(tokenizer, "<|z_c|>"), C_REF, params.self_reward.beta_v)
+        return LaserTrainer(params, engine, tokenizer, _problems(tokenizer), config)
 
     yield make
     for engine in engines:
@@ -98,7 +98,7 @@ def _fixed_rollout(trainer) -> Rollout:
 
 
 def _z_c_logprobs(trainer, rollout) -> torch.Tensor:
-    batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), trainer.tokens.z_c_id,
+    batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), trainer.config.z_c_id,
                     trainer.tokenizer.pad_token_id)
     with torch.no_grad():
         return policy_forward(trainer.engine, batch)[1]
@@ -111,7 +111,7 @@ def test_mse_alone_moves_scores_toward_rewards(make_trainer, repo_cache):
     rollout = _fixed_rollout(trainer)
     # c_ref set so that every score starts near 0.5: both classes have room to move toward their target
     c_ref = float(_z_c_logprobs(trainer, rollout).mean()) - 5.0
-    trainer.tokens = replace(trainer.tokens, c_ref=c_ref)
+    trainer.config = replace(trainer.config, c_ref=c_ref)
     zero_advantages = torch.zeros(len(rollout.responses))  # the policy-gradient term contributes no gradient
     correct = rollout.rewards > 0.5
     first = self_reward_score(_z_c_logprobs(trainer, rollout), c_ref, 0.1)
@@ -127,7 +127,7 @@ def test_grpo_only_and_laser_differ_by_alpha_mse(make_trainer, repo_cache):
     baseline_params = replace(laser_params, self_reward=replace(laser_params.self_reward, enabled=False))
     trainer = make_trainer(laser_params)
     rollout = _fixed_rollout(trainer)
-    batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), trainer.tokens.z_c_id,
+    batch = collate(rollout.prompts, rollout.responses, rollout.finished.tolist(), trainer.config.z_c_id,
                     trainer.tokenizer.pad_token_id)
     advantages = torch.linspace(-1, 1, len(rollout.responses))
     counts = {"num_tokens": float(batch.response_mask.sum()), **trainer._step_class_counts(batch, rollout.rewards)}
@@ -237,8 +237,8 @@ def train_workdir(tmp_path, tiny_model_dir, repo_cache):
     pq.write_table(pa.Table.from_pylist(_problems(tokenizer, 16)), tmp_path / "data" / "train.parquet")
     (tmp_path / "ref").mkdir()
     z_c = token_id(tokenizer, "<|z_c|>")
-    (tmp_path / "ref" / "ref_constant.json").write_text(json.dumps(
-        {"self_reward_token": "<|z_c|>", "self_reward_token_id": z_c, "c_ref": C_REF, "beta_v": 0.1}))
+    (tmp_path / "ref" / "ref_constant.json").write_text(json.dumps({"selection": "fixed", "candidates": [
+        {"token": "<|z_c|>", "token_id": z_c, "mean": C_REF, "std": 0.5, "min": C_REF - 1, "max": C_REF + 1}]}))
     params = {"paths": {"cache_dir": str(repo_cache)}, "model": {"name": "tiny-random"},
               "self_reward": {"token": "<|z_c|>"}, "generation": {"max_new_tokens": 40, "batch_size": 8},
               "train": {"steps": 6, "prompts_per_step": 2, "group_size": 4, "mini_batch_size": 4,
@@ -366,7 +366,7 @@ def test_class_counts_are_taken_once_per_step_over_all_mini_batches(make_trainer
     assert len(rollout.responses) == 2 * trainer.train.mini_batch_size
     rollout.rewards = torch.tensor([1.0] * 7 + [0.0] + [1.0] + [0.0] * 7)  # 7:1, then 1:7
     z_c = _z_c_logprobs(trainer, rollout)
-    expected, _ = self_reward_mse_loss(z_c, rollout.rewards, rollout.finished, trainer.tokens.c_ref, 0.1)
+    expected, _ = self_reward_mse_loss(z_c, rollout.rewards, rollout.finished, trainer.config.c_ref, 0.1)
     got = trainer.train_on(rollout, torch.zeros(len(rollout.rewards)), Phase(True, False))["self_reward_mse"]
     assert got == pytest.approx(expected.item(), rel=1e-4)
 
