@@ -35,9 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from laser.boxes import boxed, last_boxed  # noqa: E402
 from laser.data import gsm8k_final_answer  # noqa: E402
 from laser.io import atomic_write_json  # noqa: E402
-from laser.verify import WARMUP_PAIRS, VerifierPool, boxed, check_answer, last_boxed, summarize  # noqa: E402
+from laser.verify import WARMUP_PAIRS, VerifierPool, check_answer, summarize  # noqa: E402
 
 
 def workloads() -> dict[str, tuple[list[str], list[str]]]:

@@ -4,8 +4,8 @@ Per problem, answers are grouped by exact match after light normalisation (:func
 numbers are compared numerically; every other pair of group representatives goes to an :data:`EquivalenceFn` (a
 batch of (a, b) pairs -> bools), and groups judged equivalent are merged (transitively) by
 :func:`cluster_answers`. :func:`verifier_equivalent` uses the math-verify process pool of :mod:`laser.verify` (hard
-timeouts); :func:`math_verify_equivalent` is in-process and guarded. Both import math-verify lazily, so importing
-this module stays light.
+timeouts); :func:`math_verify_equivalent` runs the same check (:func:`laser.verify.check_answer`) in-process.
+Both import math-verify lazily, so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -44,37 +44,20 @@ def _as_number(normalized: str) -> float | None:
 
 
 def math_verify_equivalent(pairs: Sequence[tuple[str, str]]) -> list[bool]:
-    """In-process math-verify equivalence of answer pairs (a as gold, b as prediction, both wrapped in
-    ``\\boxed{}``), with math-verify's signal timeouts disabled (they work only on the main thread).
+    """In-process equivalence of answer pairs (a as gold, b as prediction) by the verifier's own
+    :func:`laser.verify.check_answer`, the check the workers run in production (math-verify's signal timeouts
+    off: they work only on the main thread).
 
-    Guarded: an answer longer than ``MAX_VERIFY_CHARS`` or any exception gives False. There is no hard timeout
-    here; :func:`verifier_equivalent` runs the same check in a process pool that has one.
+    Guarded: an answer longer than ``MAX_VERIFY_CHARS``, or a pair check_answer cannot judge, gives False. There
+    is no hard timeout here; :func:`verifier_equivalent` runs the same check in a process pool that has one.
     """
     if not pairs:
         return []
-    from math_verify import parse, verify
+    from laser.verify import check_answer
 
-    cache: dict[str, Any] = {}
-
-    def parsed(text: str) -> Any:
-        if text not in cache:
-            try:
-                cache[text] = parse("\\boxed{" + text + "}", parsing_timeout=None)
-            except Exception:
-                cache[text] = []
-        return cache[text]
-
-    out = []
-    for a, b in pairs:
-        if len(a) > MAX_VERIFY_CHARS or len(b) > MAX_VERIFY_CHARS:
-            out.append(False)
-            continue
-        pa, pb = parsed(a), parsed(b)
-        try:
-            out.append(bool(pa and pb and verify(pa, pb, timeout_seconds=None)))
-        except Exception:
-            out.append(False)
-    return out
+    gold_cache: dict = {}
+    return [max(len(a), len(b)) <= MAX_VERIFY_CHARS and check_answer(b, a, gold_cache)[0] == "correct"
+            for a, b in pairs]
 
 
 def verifier_equivalent(timeout_s: float, num_workers: int = 2, unjudged: Counter | None = None) -> EquivalenceFn:
@@ -86,7 +69,8 @@ def verifier_equivalent(timeout_s: float, num_workers: int = 2, unjudged: Counte
     def equivalent(pairs: Sequence[tuple[str, str]]) -> list[bool]:
         if not pairs:
             return []
-        from laser.verify import UNJUDGED, boxed, verify_batch
+        from laser.boxes import boxed
+        from laser.verify import UNJUDGED, verify_batch
 
         keep = [i for i, (a, b) in enumerate(pairs) if max(len(a), len(b)) <= MAX_VERIFY_CHARS]
         verdicts = verify_batch([boxed(pairs[i][1]) for i in keep], [pairs[i][0] for i in keep],

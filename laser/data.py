@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from laser.boxes import last_boxed
 from laser.config import FewShotTurn, SourceParams
 from laser.errors import SourceError
-from laser.verify import last_boxed
 
 
 @dataclass(frozen=True)

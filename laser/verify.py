@@ -48,13 +48,13 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Literal
 
+from laser.boxes import boxed, find_boxes, has_box, last_boxed
 from laser.errors import VerifierError
 
 Status = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
 STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
 UNJUDGED: frozenset[str] = frozenset({"timeout", "error"})  # no verdict: reward 0 would be a guess, not a judgement
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy on a busy 2-core machine can take a while
 _MAX_CHUNK = 32
 _GOLD_CACHE_SIZE = 4096
@@ -68,70 +68,7 @@ class Verdict:
     error: str | None = None  # the message, for status "error" (and "timeout")
 
 
-# ---------------------------------------------------------------------------------------------- answer extraction
-
-
-def boxed(answer: str) -> str:
-    """``answer`` wrapped in ``\\boxed{}``."""
-    return "\\boxed{" + answer + "}"
-
-
-_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character (skipped), or a brace
-
-
-def _find_boxes(text: str) -> list[str]:
-    """Contents of the complete, non-nested ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, in order.
-
-    Braces are balanced; escaped braces (``\\{``, ``\\}``) do not count. ``\\boxed 5`` (a single token after a
-    space, as some models write) is accepted. An unclosed box (a truncated response) is not an answer.
-    One pass: the next occurrence of each command is searched for again only once the scan has passed it, so the
-    time is linear in ``len(text)`` however many boxes there are.
-    """
-    found: list[str] = []
-    pos, n = 0, len(text)
-    upcoming = {cmd: text.find(cmd) for cmd in _BOX_COMMANDS}  # the next occurrence at or after pos (-1: none)
-    while True:
-        for cmd, at in upcoming.items():
-            if 0 <= at < pos:
-                upcoming[cmd] = text.find(cmd, pos)
-        starts = [(at, cmd) for cmd, at in upcoming.items() if at >= 0]
-        if not starts:
-            return found
-        start, cmd = min(starts)
-        i = start + len(cmd)
-        if i < n and (text[i].isalpha()):  # \boxedfoo is another macro
-            pos = i
-            continue
-        while i < n and text[i] == " ":
-            i += 1
-        if i < n and text[i] == "{":
-            depth, j = 0, -1
-            for token in _BRACE_TOKENS.finditer(text, i):
-                if token[0] == "{":
-                    depth += 1
-                elif token[0] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        j = token.start()
-                        break
-            if j < 0:  # unclosed: nothing after it can be a complete box either
-                return found
-            found.append(text[i + 1 : j])
-            pos = j + 1
-        elif i > start + len(cmd) and i < n:  # "\boxed 5": up to whitespace or '$'
-            j = i
-            while j < n and not text[j].isspace() and text[j] != "$":
-                j += 1
-            found.append(text[i:j])
-            pos = j
-        else:
-            pos = i
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last complete ``\\boxed{}`` in ``text`` (stripped), or None."""
-    boxes = _find_boxes(text)
-    return boxes[-1].strip() if boxes else None
+# ------------------------------------------------------------------------------------------------- gold answers
 
 
 def _gold_string(gold: object) -> str:
@@ -150,10 +87,6 @@ def _gold_text(gold: object) -> str:
     text = _gold_string(gold)
     inner = last_boxed(text) if "\\boxed" in text or "\\fbox" in text else None
     return inner if inner is not None else text
-
-
-def _has_box(text: str) -> bool:
-    return any(cmd in text for cmd in _BOX_COMMANDS)
 
 
 # ----------------------------------------------------------------------------------------------------- the worker
@@ -325,7 +258,7 @@ def _worker_main(read_fd: int, write_fd: int, parent_pid: int, warmup: bool = Fa
         if chunk is None:
             return
         for seq, response, gold, single in chunk:
-            boxes = _find_boxes(response)  # here, not in the caller: the item's deadline covers the scan
+            boxes = find_boxes(response)  # here, not in the caller: the item's deadline covers the scan
             pred = boxes[-1].strip() if boxes else None
             if not pred or (single and len(boxes) != 1):
                 outbox.send((seq, "no_answer", None, pred))
@@ -445,7 +378,7 @@ class VerifierPool:
         jobs: dict[tuple[str, str, bool], list[int]] = {}  # identical (response, gold) pairs are verified once
         for i, (response, gold) in enumerate(zip(responses, golds)):
             response = response or ""
-            if not _has_box(response):  # a substring test (linear, in C): no box, no answer
+            if not has_box(response):  # a substring test (linear, in C): no box, no answer
                 verdicts[i] = Verdict("no_answer", 0, None)
                 continue
             # Everything else, finding the boxes included, runs in the workers under the per-item deadline.

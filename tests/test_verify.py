@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from laser.verify import STATUSES, Verdict, VerifierPool, boxed, fast_parse, last_boxed, summarize, verify_batch
+from laser.boxes import boxed, last_boxed
+from laser.verify import STATUSES, Verdict, VerifierPool, fast_parse, summarize, verify_batch
 
 TIMEOUT_S = 2.0
 # sympy evaluates 9^(9^9) (a 370-million-digit integer) when comparing: minutes at best. Parsing is instant.
@@ -47,11 +48,11 @@ def test_last_boxed(text, expected):
 
 def test_box_scan_is_linear():
     """Finding the boxes used to rescan the rest of the text per box (20k boxes: 5 s, 60k: 49 s)."""
-    from laser.verify import _find_boxes
+    from laser.boxes import find_boxes
 
     text = "so \\boxed{1} " * 20_000
     start = time.monotonic()
-    assert len(_find_boxes(text)) == 20_000
+    assert len(find_boxes(text)) == 20_000
     assert time.monotonic() - start < 1.0
 
 
