@@ -9,6 +9,9 @@ to one clear line and an exit code the flow uses to decide on a retry:
 
 ``--local_rank`` is accepted and ignored: the ``deepspeed`` launcher appends it, and the rank is read from the
 environment (``LOCAL_RANK``) as under ``torchrun``.
+
+Logging (laser/logs.py): ``-v``/``-q`` (or ``LASER_LOG_LEVEL``) set the level; a stage's log goes to stdout and to
+``<paths.logs_dir>/<stage>.log``. The ``error:``/``params:`` lines above are printed on stderr, not logged.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from laser.config import Params, load_params
 from laser.errors import BAD_PARAMS_EXIT, PERMANENT_EXIT, ParamsError, PermanentError
+from laser.logs import add_verbosity_arguments, level_from, setup_logging, stage_log_file
 
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # retrying cannot make a path writable
 
@@ -35,17 +39,24 @@ def permission_message(err: OSError) -> str | None:
 
 def stage_main(run: Callable[[Params, argparse.Namespace], None], description: str,
                argv: Sequence[str] | None = None,
-               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+               log_name: str | Callable[[argparse.Namespace], str] | None = None) -> None:
+    """``log_name``: the log file's name (``<paths.logs_dir>/<log_name>.log``), or a function of the parsed
+    arguments giving it; by default the stage module's name (``stages.train`` -> ``train``), none for other code."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml",
                         help="params file (default: params.yaml); a missing section or key takes its default "
                              "(laser/config.py), an unknown one is an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    add_verbosity_arguments(parser)
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        name = log_name(args) if callable(log_name) else log_name or _stage_name(run)
+        setup_logging(level_from(args.verbose, args.quiet),
+                      stage_log_file(params.paths.logs_dir, name) if name else None)
         run(params, args)
     except ParamsError as err:
         print(str(err), file=sys.stderr)
@@ -59,3 +70,12 @@ def stage_main(run: Callable[[Params, argparse.Namespace], None], description: s
             raise  # may be transient (disk full, a network filesystem): the traceback, and the flow retries
         print(f"error: {message}", file=sys.stderr)
         sys.exit(PERMANENT_EXIT)
+
+
+def _stage_name(run: Callable) -> str | None:
+    """``train`` for a function of ``stages.train`` (also when it runs as ``python -m stages.train``, i.e. as
+    ``__main__``); None for code outside stages/ (no log file)."""
+    module_name = getattr(run, "__module__", None) or ""
+    spec = getattr(sys.modules.get(module_name), "__spec__", None)
+    name = getattr(spec, "name", None) or module_name
+    return name.split(".", 1)[1] if name.startswith("stages.") else None

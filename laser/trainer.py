@@ -30,6 +30,7 @@ import torch
 from laser import engine as ds
 from laser.advantages import grpo_advantages, integrate_advantages, self_reward_advantages
 from laser.batch import PolicyBatch, collate, policy_forward
+from laser.completions import completion_samples
 from laser.config import Params
 from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft_loss
 from laser.metrics import auroc, self_verification
@@ -297,12 +298,15 @@ def timer(into: dict, key: str):
 
 
 def run_step(trainer: LaserTrainer, step: int) -> dict:
-    """One full step; returns its log record."""
+    """One full step; returns its log record. A few decoded samples of the step (rank 0's share) are left in
+    ``trainer.last_completions`` (laser.completions; ``train.completions_per_step`` of them)."""
     sr = trainer.params.self_reward
     phase = warmup_phase(step, sr.warmup_rl_steps, sr.warmup_self_reward_steps)
     times: dict = {}
     with timer(times, "gen_seconds"):
         rollout = trainer.rollout(step)
+    trainer.last_completions = (completion_samples(rollout, trainer.tokenizer, step, trainer.train.completions_per_step)
+                                if trainer.rank == 0 else [])
     advantages, adv_metrics = trainer.advantages(rollout, phase)
     with timer(times, "train_seconds"):
         train_metrics = trainer.train_on(rollout, advantages, phase)

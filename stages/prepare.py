@@ -50,6 +50,7 @@ The output is a pure function of the params (and the source files): same seed, s
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import Counter
 from collections.abc import Iterator
@@ -68,6 +69,8 @@ from laser.data import (
     source_label,
 )
 from laser.errors import SourceError
+
+log = logging.getLogger("laser.stages.prepare")
 
 _BATCH = 256  # rows tokenized at once
 
@@ -326,9 +329,8 @@ def run(params: Params, args) -> None:
     if prepared.errors:
         raise StageError("prepare: " + "; ".join(prepared.errors) + f" (details: {params.paths.data_rejects})")
     for name, count in prepared.stats["rows"].items():
-        print(f"prepare: {name}: {count} rows")
-    print(f"prepare: rejected {prepared.stats['rejected_by_reason'] or 'none'}; held out: "
-          f"{prepared.stats['held_out']}")
+        log.info("%s: %d rows", name, count)
+    log.info("rejected %s; held out: %s", prepared.stats["rejected_by_reason"] or "none", prepared.stats["held_out"])
 
 
 def main(argv=None) -> None:

@@ -5,9 +5,11 @@
     deepspeed --num_gpus 8 --module stages.train                        # multi-GPU; add --hostfile for nodes
 
 Reads ``paths.train_data``, the base model and ``paths.ref_constant`` (z_c and c_ref). Writes
-``paths.trained_model`` (safetensors + tokenizer + laser.json), ``paths.train_steps`` (one JSON line per step),
-``paths.train_curves`` (the step log as CSV, for DVC plots), ``paths.train_metrics`` and checkpoints under
-``paths.checkpoints`` (every ``train.checkpoint_every`` steps).
+``paths.trained_model`` (safetensors + tokenizer; the self-reward and prompt settings in config.json's ``laser``
+key and in laser.json; a model card README.md: laser/model_card.py), ``paths.train_steps`` (one JSON line per step),
+``paths.train_curves`` (the step log as CSV, for DVC plots), ``paths.train_completions`` (a few decoded samples
+per step: laser/completions.py), ``paths.train_metrics`` and checkpoints under ``paths.checkpoints`` (every
+``train.checkpoint_every`` steps).
 A re-run resumes from the latest checkpoint if it was made with the same params, data and code (a fingerprint is kept
 beside the checkpoints); otherwise it starts over.
 """
@@ -27,12 +29,14 @@ from tqdm.auto import tqdm
 
 from laser import engine as ds
 from laser.cli import stage_main
+from laser.completions import append_completions
 from laser.config import Params
 from laser.engine import gathered_for_generation
 from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable
+from laser.model_card import CONFIG_KEY, export_settings, render_model_card, write_export_files
 from laser.models import load_model, load_tokenizer
-from laser.rollouts import read_problems, write_self_reward_config
+from laser.rollouts import read_problems
 from laser.runtime import base_model_dir, code_digest, self_reward_config
 from laser.score import SelfRewardConfig
 from laser.trainer import LaserTrainer, append_jsonl, run_step
@@ -49,6 +53,7 @@ def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) 
         relevant["train"].pop("steps")  # training longer continues the same run; a decaying LR's length is `steps`
     relevant["train"].pop("checkpoint_every")
     relevant["train"].pop("keep_checkpoints")
+    relevant["train"].pop("completions_per_step")  # what is logged, not what is trained
     digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config)], sort_keys=True).encode())
     digest.update(train_data.read_bytes())
     digest.update(code_digest().encode())
@@ -101,14 +106,18 @@ def truncate_log(steps_log: Path, last_step: int) -> None:
     atomic_write_text(steps_log, "".join(f"{line}\n" for line in kept))
 
 
-def export_model(engine, tokenizer, out_dir: Path, ref_config: SelfRewardConfig, rank: int) -> None:
-    """Consolidated safetensors + tokenizer + laser.json, written atomically by rank 0."""
+def export_model(engine, tokenizer, out_dir: Path, ref_config: SelfRewardConfig, rank: int, params: Params,
+                 train_rows: int | None = None, train_metrics: dict | None = None) -> None:
+    """Consolidated safetensors + tokenizer, the settings (config.json's ``laser`` key and laser.json) and the
+    model card, written atomically by rank 0."""
+    settings = export_settings(ref_config, params.prepare, params.generation)
     with gathered_for_generation(engine) as model:  # every rank joins the gather; rank 0 writes
         if rank == 0:
             with atomic_path(out_dir, is_dir=True) as tmp:
+                setattr(model.config, CONFIG_KEY, settings)  # saved into config.json: a plain HF load carries it
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                write_self_reward_config(tmp, ref_config)
+                write_export_files(tmp, settings, render_model_card(params, settings, train_rows, train_metrics))
 
 
 def final_metrics(steps_log: Path) -> dict:
@@ -143,7 +152,7 @@ def check_outputs_writable(params: Params) -> None:
     paths = params.paths
     ensure_writable(*dict.fromkeys([Path(paths.trained_model).parent, Path(paths.checkpoints),
                                     Path(paths.train_steps).parent, Path(paths.train_curves).parent,
-                                    Path(paths.train_metrics).parent]))
+                                    Path(paths.train_metrics).parent, Path(paths.train_completions).parent]))
 
 
 def train(params: Params) -> None:
@@ -158,7 +167,7 @@ def train(params: Params) -> None:
     paths = params.paths
     ref_config, noise_warning = self_reward_config(params)
     if noise_warning and rank == 0:
-        print(f"warning: {noise_warning}")
+        log.warning("%s", noise_warning)
     model_dir = base_model_dir(params)
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
     model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code)
@@ -180,9 +189,11 @@ def train(params: Params) -> None:
         start = client_state["step"]
         if rank == 0:
             truncate_log(steps_log, start)
+            truncate_log(Path(paths.train_completions), start)
             log.info(f"resumed from checkpoint at step {start}")
     if rank == 0 and start == 0:
         steps_log.unlink(missing_ok=True)  # a crash before the first checkpoint leaves lines to drop
+        Path(paths.train_completions).unlink(missing_ok=True)
     trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
                            ref_config, rank, world_size, ref_model)
     steps_log.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +203,7 @@ def train(params: Params) -> None:
         record = run_step(trainer, step)
         if rank == 0:
             append_jsonl(steps_log, record)
+            append_completions(paths.train_completions, trainer.last_completions)
             write_curves(steps_log, paths.train_curves)  # rewritten each step (tens of rows): plots while it runs
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", sv_f1=_fmt(record["sv_f1"]),
                             mse=_fmt(record["self_reward_mse"]))
@@ -199,10 +211,12 @@ def train(params: Params) -> None:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
             if rank == 0:  # older tags only: other ranks may still be finishing their shards of this one
                 prune_checkpoints(ckpt_dir, params.train.keep_checkpoints)
-    export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank)
+    metrics = final_metrics(steps_log) if rank == 0 else None  # only rank 0 writes the step log
+    export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank, params, len(trainer.problems),
+                 metrics)
     if rank == 0:
         write_curves(steps_log, paths.train_curves)  # also when a resumed run had no step left to run
-        atomic_write_json(paths.train_metrics, final_metrics(steps_log))
+        atomic_write_json(paths.train_metrics, metrics)
 
 
 def _fmt(value) -> str:

@@ -68,3 +68,12 @@ def run_with_readonly(cmd: list[str], readonly: list[Path], **kwargs) -> subproc
 def readonly_run():
     """:func:`run_with_readonly`, as a fixture."""
     return run_with_readonly
+
+
+@pytest.fixture(autouse=True)
+def _reset_laser_logging():
+    """A stage's main() installs the laser log handlers (laser/logs.py); take them down after each test."""
+    yield
+    from laser.logs import reset_logging
+
+    reset_logging()

@@ -264,6 +264,11 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
     exported = uninterrupted / "models" / "trained"
     assert (exported / "model.safetensors").exists() and (exported / "laser.json").exists()
+    assert json.loads((exported / "config.json").read_text())["laser"]["c_ref"] == C_REF
+    assert "laser.load(" in (exported / "README.md").read_text()
+    completions = (uninterrupted / "train" / "completions.jsonl").read_text().splitlines()
+    assert sorted({json.loads(line)["step"] for line in completions}) == [1, 2, 3, 4, 5, 6]
+    assert (uninterrupted / "logs" / "train.log").exists()
     assert json.loads((exported / "laser.json").read_text())["c_ref"] == C_REF
     kept = [p.name for p in (uninterrupted / "checkpoints" / "train").glob("step*")]
     assert kept and len(kept) <= TrainParams().keep_checkpoints and "step6" in kept  # older ones were pruned
