@@ -46,6 +46,7 @@ class EvalResult:
     metrics: dict[str, Any]
     plots: dict[str, list[dict[str, Any]]]
     notes: list[str] = field(default_factory=list)
+    appendix: str = ""  # Markdown appended to the report (the last train step's sampled completions)
 
 
 # ------------------------------------------------------------------------------------------------------ plot rows
@@ -296,6 +297,8 @@ def render_report(result: EvalResult, plots_link: str) -> str:
              *_self_verification_section(m, link), *_counts_section(m)]
     if result.notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in result.notes)]
+    if result.appendix:
+        lines += ["", result.appendix.rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from laser import metrics as M
 from laser.answers import EquivalenceFn, cluster_answers, math_verify_equivalent, verifier_equivalent
 from laser.cli import stage_main
+from laser.completions import completions_markdown
 from laser.config import EvaluateParams, Params
 from laser.errors import StageError
 from laser.report import (
@@ -317,6 +318,7 @@ def run(params: Params, _args: Any = None) -> None:
     if sum(unjudged.values()):
         result.notes.append(f"answer equivalence: {sum(unjudged.values())} pair(s) could not be judged "
                             f"({dict(unjudged)}) and count as different answers in voting")
+    result.appendix = completions_markdown(params.paths.train_completions)  # "" when train kept none
     write_outputs(result, params.paths, params.evaluate.threshold)
     for model, mm in result.metrics["models"].items():
         log.info("%s %s: %s", model, HEADLINE_VIEW, mm["headline"][HEADLINE_VIEW])

@@ -290,3 +290,18 @@ def test_main_end_to_end(tmp_path, monkeypatch):
         assert (Path("out/eval") / "plots" / f"{name}.png").exists()
     assert "## base vs trained" in report
     assert not list(Path("out/eval").glob(".*tmp*"))  # no temp files left behind
+
+
+def test_report_ends_with_the_last_train_steps_completions(tmp_path):
+    from laser.completions import completions_markdown
+
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "sample": 0, "prompt_tail": f"What is {s} + 1?",
+                                        "response": "\\boxed{2}", "answer": "2", "finish_reason": "eos",
+                                        "reward": 1.0, "judged": True, "score": 0.7}) + "\n" for s in (1, 2)))
+    result = E.evaluate({"trained": {"s": rollout_table(TRAINED)}}, EvaluateParams(subset_seeds=1),
+                        equivalent=no_math_verify)
+    result.appendix = completions_markdown(path)
+    report = R.render_report(result, "plots")
+    assert "Sampled completions (train step 2)" in report and "What is 2 + 1?" in report
+    assert "What is 1 + 1?" not in report
