@@ -270,9 +270,9 @@ class LaserModel:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        from laser.generation import HFGenerator
+        from laser.generation import default_stop_ids
 
-        return HFGenerator(self.model, self.tokenizer).stop_token_ids
+        return default_stop_ids(self.model, self.tokenizer)
 
     # --------------------------------------------------------------------------------------------- scoring
 
@@ -306,20 +306,21 @@ class LaserModel:
         Sampling defaults are the export's training settings (``generation``), else T = 1, top-p 1 and
         ``DEFAULT_MAX_NEW_TOKENS``."""
         from laser.boxes import last_boxed
-        from laser.generation import HFGenerator, Sampling
+        from laser.config import GenerationParams, Params
         from laser.metrics import clip_scores
+        from laser.runtime import make_generator, sampling
 
         if k < 1:
             raise ValueError(f"k = {k}: at least 1 sample is needed")
         g = self.settings.generation
-        sampling = Sampling(
+        params = Params(generation=GenerationParams(  # the pipeline's factories build generator and Sampling
             temperature=float(g.get("temperature", 1.0) if temperature is None else temperature),
             top_p=float(g.get("top_p", 1.0) if top_p is None else top_p),
             max_new_tokens=int(g.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS) if max_new_tokens is None
                                else max_new_tokens),
-            seed=seed)
-        generator = HFGenerator(self.model, self.tokenizer, batch_size=batch_size)
-        completions = generator.generate([self.prompt_ids(problem)], k, sampling,
+            batch_size=batch_size))
+        generator = make_generator(params, self.model, self.tokenizer)
+        completions = generator.generate([self.prompt_ids(problem)], k, sampling(params, seed),
                                          probe_token_ids=self.self_reward.probe_token_ids, progress=progress)
         scores = [self.self_reward.score(c.probe_logprobs) for c in completions]
         clipped = clip_scores([float("nan") if s is None else s for s in scores])

@@ -107,7 +107,7 @@ class HFGenerator:
 
     def __init__(self, model, tokenizer, batch_size: int = 16, stop_token_ids: Sequence[int] | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.stop_token_ids = sorted(set(stop_token_ids or _stop_ids(model, tokenizer)))
+        self.stop_token_ids = sorted(set(stop_token_ids or default_stop_ids(model, tokenizer)))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
 
     @torch.no_grad()
@@ -197,7 +197,8 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def default_stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS and the generation config's EOS id(s)."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
