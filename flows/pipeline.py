@@ -20,21 +20,40 @@ profile changed. ``force`` names a stage (or a ``foreach`` group); it and all it
 ``dvc repro -s -f``, stages upstream of it are left to DVC as usual.
 
 Retries (params ``flow.*``): up to ``flow.retries`` more attempts, waiting ``flow.retry_delay_s *
-flow.retry_backoff**i`` seconds before retry ``i+1``. A stage that rejects its params (its script exits 2 after
-printing a ``params: ...`` line on stderr, see ``laser.cli``) fails at once with that line, and so does one that
-says it cannot succeed as configured (exit 3 after an ``error: ...`` line: rejected data, a model or token not
-found, an impossible batch geometry, a path it may not write); any other failure (killed by a signal, OOM, exit
-137, a lost worker, an unexpected exception) may be transient and is retried. When a stage fails for good, the
-stages downstream of it are skipped, independent ones still run, and the flow fails naming every failed stage.
+flow.retry_backoff**i`` seconds before retry ``i+1`` (Prefect waits ``flow.retry_delay_s``, the one number its UI
+shows as "Retry Delay"; the task itself waits the backoff's extra seconds, and says so in its log). A stage that
+rejects its params (its script exits 2 after printing a ``params: ...`` line on stderr, see ``laser.cli``) fails at
+once with that line, and so does one that says it cannot succeed as configured (exit 3 after an ``error: ...`` line:
+rejected data, a model or token not found, an impossible batch geometry, a path it may not write); any other failure
+(killed by a signal, OOM, exit 137, a lost worker, an unexpected exception) may be transient and is retried. When a
+stage fails for good, the stages downstream of it are skipped, independent ones still run, and the flow fails naming
+every failed stage.
 Params are validated with ``laser.config.load_params`` before any stage starts (on the command line before Prefect
 starts: bad params print their one line, no traceback).
 
 The command line ties Prefect's ephemeral API server to the flow process: killed, even by ``kill -9``, the flow
 takes the server with it (see ``_end_ephemeral_server_with_this_process``).
 
-Results are published as Prefect artifacts: ``laser-metrics`` (a table of every metric in every metrics file:
-``dvc metrics show`` plus ``paths.data_stats``, ``paths.train_metrics``, ``paths.eval_metrics``) and
-``laser-report`` (markdown: the report's path, the stage outcomes, the report itself).
+Concurrency (``flow.max_parallel``, or ``--parallel N``): up to N stages whose upstream stages are done run at once
+(``rollout@base`` beside ``train``). DVC allows it: ``dvc repro -s`` releases the repo lock while the stage command
+runs and re-takes it to write ``dvc.lock`` (merging, not overwriting, the other stages' entries); its per-path
+read/write locks keep two commands off the same outputs. Each call passes ``--wait-for-lock`` so two stages ending
+together wait for each other instead of failing. Stages in ``flow.gpu_stages`` carry the tag ``flow.gpu_tag``: a tag
+concurrency limit on the Prefect server (``python -m flows.deploy`` creates one) keeps two of them off one GPU.
+
+``flow.train_dispatch: deployment`` runs ``flow.train_stage`` as a run of the deployment ``flow.train_deployment``
+(on a GPU work pool) instead of here; inputs and outputs go through the DVC remote (see ``flows/dispatch.py``).
+
+What a Prefect user sees: every line a stage prints is in its task run's logs (INFO; the flow and task run loggers
+are raised to INFO when ``PREFECT_LOGGING_LEVEL`` leaves them quieter, so the console shows them too); with a server
+the flow prints its flow-run URL; a stage printing a progress bar (train: step i/N, rollout: samples done/total) gets
+a progress artifact ``laser-progress-<stage>`` that follows it.
+
+Results are published as Prefect artifacts: ``laser-headline`` (a table of the headline numbers: per model accuracy,
+pass/maj/weighted-maj@K, self-verification F1, AUROC, ECE; train's final reward and self-reward MSE),
+``laser-metrics`` (a table of every metric in every metrics file, numbers first: ``dvc metrics show`` plus
+``paths.eval_metrics``, ``paths.train_metrics``, ``paths.data_stats``) and ``laser-report`` (markdown: the report's
+path, the stage outcomes, the report itself with its plots embedded as data: URIs, so they render in the UI).
 
 Prefect UI and scheduled runs::
 
@@ -45,14 +64,16 @@ Prefect UI and scheduled runs::
     python -m flows.pipeline --serve --cron "0 3 * * *"         # a deployment on a cron schedule (Ctrl-C stops)
     prefect deployment run 'laser-pipeline/scheduled'           # trigger the served deployment now
 
-The UI shows one task run per stage (DVC's output is in its logs when ``PREFECT_LOGGING_LEVEL=INFO``; with the
-default WARNING it is printed to the console instead) and the two artifacts under the flow run.
+Work pools and workers (``flows/deploy.py``): ``python -m flows.deploy --pool laser --create-pool`` deploys the flow
+to a process work pool, ``prefect worker start --pool laser`` runs what is triggered there.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import contextvars
 import json
 import logging
 import os
@@ -84,10 +105,16 @@ if __name__ == "__main__":
 
 import networkx as nx  # noqa: E402  (after the re-exec above, which must precede the Prefect import)
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 
+from flows.errors import BadParamsStageError, PermanentStageError, PipelineError, StageError  # noqa: E402
 from laser.config import Params, apply_profile, load_params  # noqa: E402
 from laser.errors import (  # noqa: E402
     BAD_PARAMS_EXIT,
@@ -98,6 +125,8 @@ from laser.errors import (  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS_ARTIFACT = "laser-metrics"
 REPORT_ARTIFACT = "laser-report"
+HEADLINE_ARTIFACT = "laser-headline"
+PROGRESS_ARTIFACT = "laser-progress-{stage}"  # the stage name with what a key may not hold made '-'
 DEFAULT_DEPLOYMENT = "scheduled"
 DEFAULT_CRON = "0 3 * * *"  # every day at 03:00 (the server's time zone: UTC unless configured)
 
@@ -107,22 +136,14 @@ _FAILED_RUN = re.compile(r"failed to run: .*, exited with (-?\d+)")
 _PARAMS_LINE = re.compile(r"^(?:\S+: )?params: ")
 _MAX_TABLE_ROWS = 2000
 _MAX_REPORT_CHARS = 20_000
+_MAX_IMAGE_BYTES = 1_000_000  # a plot larger than this is linked by path, not embedded (the plots are ~30-80 kB)
+_MAX_EMBEDDED_BYTES = 8_000_000  # all embedded plots of one report artifact together
+# a tqdm bar line, as stages print them to a pipe: "train:  50%|#####     | 4/8 [00:10<00:10, ...]"; the bars a
+# progress artifact follows (train's steps, the rollouts' samples), not the libraries' (loading, saving shards)
+PROGRESS_BARS = ("train", "rollouts")
+_TQDM_LINE = re.compile(r"^(?P<desc>[^:|]{1,60}):\s+(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\b")
 
 
-class StageError(RuntimeError):
-    """``dvc repro -s <stage>`` failed for a reason worth retrying (signal, OOM, lost worker, ...)."""
-
-
-class PermanentStageError(StageError):
-    """The stage said it cannot succeed as configured (``laser.cli.PERMANENT_EXIT``): retrying cannot help."""
-
-
-class BadParamsStageError(PermanentStageError):
-    """The stage rejected its params (exit 2 + a ``params:`` line): retrying cannot help."""
-
-
-class PipelineError(RuntimeError):
-    """One or more stages failed for good; the message names each one and why."""
 
 
 # ------------------------------------------------------------------------------------------------------- the DAG
@@ -212,21 +233,37 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+_LIVE: set[subprocess.Popen] = set()  # the commands running now (stages run in threads when flow.max_parallel > 1)
+_LIVE_LOCK = threading.Lock()
+
+
+def kill_running_commands() -> None:
+    """Stop every command :func:`run_streaming` is running (the flow was interrupted while stages ran in threads)."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        _kill_group(proc)
+
+
 def run_streaming(cmd: list[str], cwd: str | Path, env: dict[str, str],
                   on_line: Callable[[str, str], None]) -> int:
     """Run ``cmd``, calling ``on_line(stream, line)`` for each line of stdout/stderr as it comes; the exit code.
 
-    The command gets its own process group, killed (TERM, then KILL) if this one is interrupted or cancelled.
+    Text mode: a progress bar's carriage returns end lines too, so each update of a bar is a line. ``on_line`` runs in
+    the caller's context (Prefect's run context included: it may log and create artifacts). The command gets its own
+    process group, killed (TERM, then KILL) if this one is interrupted or cancelled.
     """
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1, start_new_session=True)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
 
     def pump(pipe, stream: str) -> None:
         for line in pipe:
             on_line(stream, line.rstrip("\n"))
 
-    pumps = [threading.Thread(target=pump, args=(proc.stdout, "stdout"), daemon=True),
-             threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)]
+    pumps = [threading.Thread(target=contextvars.copy_context().run, args=(pump, proc.stdout, "stdout"), daemon=True),
+             threading.Thread(target=contextvars.copy_context().run, args=(pump, proc.stderr, "stderr"), daemon=True)]
     for thread in pumps:
         thread.start()
     try:
@@ -234,9 +271,49 @@ def run_streaming(cmd: list[str], cwd: str | Path, env: dict[str, str],
     except BaseException:
         _kill_group(proc)
         raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
     for thread in pumps:
         thread.join(timeout=10)  # a daemon the stage left behind may hold the pipes open: do not wait for it
     return returncode
+
+
+class StageProgress:
+    """A Prefect progress artifact that follows the progress bar a stage prints (:data:`PROGRESS_BARS`: train's
+    steps, the rollouts' samples, per eval set).
+
+    Created at the first bar line, updated at most every ``every_s`` seconds and at the end of each bar; an API
+    error is logged once and never fails the stage.
+    """
+
+    def __init__(self, stage: str, logger, every_s: float = 2.0):
+        self.stage, self.logger, self.every_s = stage, logger, every_s
+        self.key = PROGRESS_ARTIFACT.format(stage=re.sub(r"[^a-z0-9]+", "-", stage.lower()).strip("-"))
+        self.artifact_id = None
+        self.last_update = 0.0
+        self.failed = False
+
+    def on_line(self, line: str) -> None:
+        match = _TQDM_LINE.match(line.strip())
+        if not match or self.failed:
+            return
+        desc, n, total = match["desc"].strip(), int(match["n"]), int(match["total"])
+        if total <= 0 or desc not in PROGRESS_BARS:
+            return
+        now = time.monotonic()
+        if self.artifact_id is not None and n < total and now - self.last_update < self.every_s:
+            return
+        self.last_update = now
+        description = f"{self.stage}: {desc} {n}/{total}"
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(100.0 * n / total, key=self.key, description=description)
+            else:
+                update_progress_artifact(self.artifact_id, 100.0 * n / total, description=description)
+        except Exception as err:  # the UI's view of progress must not fail the stage
+            self.failed = True
+            self.logger.warning("progress artifact for %s not updated (%s); the stage goes on", self.stage, err)
 
 
 def _describe_exit(code: int) -> str:
@@ -259,26 +336,54 @@ def _retry_transient(_task, _task_run, state) -> bool:
     return not any(cls.__name__ in message for cls in (PermanentStageError, BadParamsStageError))
 
 
+def backoff_extra_s(attempt: int, delay_s: float, backoff: float) -> float:
+    """The seconds to wait at the start of ``attempt`` beyond the ``delay_s`` Prefect already waited: retry ``i``
+    (attempt ``i + 1``) waits ``delay_s * backoff**(i - 1)`` in all."""
+    return 0.0 if attempt < 3 else delay_s * (backoff ** (attempt - 2) - 1)
+
+
 @task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
-def run_stage(stage: str, force: bool = False, repo_root: str = ".") -> dict[str, Any]:
+def run_stage(stage: str, force: bool = False, repo_root: str = ".", retry_delay_s: float = 0.0,
+              retry_backoff: float = 1.0, dispatch: dict[str, Any] | None = None) -> dict[str, Any]:
     """``dvc repro -s [-f] <stage>`` in the repo root; DVC decides whether the stage is stale.
 
-    Returns ``{"stage", "status": "ran" | "restored" | "unchanged", "forced", "attempt", "seconds"}``; raises
-    ``BadParamsStageError`` or ``PermanentStageError`` (not retried), or ``StageError`` (retried).
+    ``dispatch`` (``flows.dispatch.dispatch_settings``): run the stage as a run of that deployment instead (another
+    work pool; data through the DVC remote). Returns ``{"stage", "status": "ran" | "restored" | "unchanged",
+    "forced", "attempt", "seconds"}``; raises ``BadParamsStageError`` or ``PermanentStageError`` (not retried), or
+    ``StageError`` (retried).
     """
     logger = get_run_logger()
     context = TaskRunContext.get()
     attempt = context.task_run.run_count if context and context.task_run.run_count else 1
+    if extra := backoff_extra_s(attempt, retry_delay_s, retry_backoff):
+        logger.info("attempt %d: waiting %.1f s more (flow.retry_backoff = %s) after Prefect's %.1f s retry delay",
+                    attempt, extra, retry_backoff, retry_delay_s)
+        time.sleep(extra)
+    if dispatch:
+        from flows.dispatch import dispatch_stage
+
+        start = time.monotonic()
+        result = dispatch_stage(stage, force, Path(repo_root), dispatch, logger)
+        return {"stage": stage, "forced": force, "attempt": attempt, "seconds": round(time.monotonic() - start, 2),
+                **result}
+    return repro(stage, force, repo_root, logger, attempt)
+
+
+def repro(stage: str, force: bool, repo_root: str | Path, logger, attempt: int = 1) -> dict[str, Any]:
+    """The body of :func:`run_stage` (also run by the remote-stage flow): ``dvc repro -s``, streamed to the logs."""
     env = stage_env(repo_root)
-    cmd = [*_dvc(env), "repro", "-s", *(["-f"] if force else []), stage]
+    # --wait-for-lock: a stage running beside this one holds DVC's repo lock while it writes dvc.lock; wait, not fail
+    cmd = [*_dvc(env), "--wait-for-lock", "repro", "-s", *(["-f"] if force else []), stage]
     echo = not logger.isEnabledFor(logging.INFO)  # at WARNING (scripts/env.sh) the console still shows DVC
     tail: collections.deque[str] = collections.deque(maxlen=40)
     params_lines: list[str] = []
     failed_exit: list[int] = []
     status = "unchanged"
+    progress = StageProgress(stage, logger)
 
     def on_line(stream: str, line: str) -> None:
         nonlocal status
+        progress.on_line(line)
         if stream == "stdout" and line.startswith("Running stage "):
             status = "ran"
         elif stream == "stdout" and "is cached - skipping run" in line and status != "ran":
@@ -338,7 +443,7 @@ def collect_metrics(repo_root: Path, params: Params, env: dict[str, str]) -> dic
                     files[Path(path).as_posix()] = entry["data"]
     except (OSError, subprocess.SubprocessError, ValueError, AttributeError) as err:
         logger.warning("dvc metrics show failed (%s); reading the metrics files named in params only", err)
-    for rel in (params.paths.data_stats, params.paths.train_metrics, params.paths.eval_metrics):
+    for rel in (params.paths.eval_metrics, params.paths.train_metrics, params.paths.data_stats):
         path = repo_root / rel
         if Path(rel).as_posix() not in files and path.is_file():
             try:
@@ -348,18 +453,101 @@ def collect_metrics(repo_root: Path, params: Params, env: dict[str, str]) -> dic
                 continue
             if isinstance(data, dict):
                 files[Path(rel).as_posix()] = data
-    return files
+    first = [Path(rel).as_posix() for rel in (params.paths.eval_metrics, params.paths.train_metrics)]
+    return {path: files[path] for path in sorted(files, key=lambda p: (first.index(p) if p in first else 2, p))}
+
+
+def metrics_rows(metrics: dict[str, dict]) -> list[dict[str, Any]]:
+    """Every metric of every file as ``{"file", "metric", "value"}`` rows: per file the numbers first, then the
+    rest (strings such as ``prompt_format``, lists), each group in file order."""
+    rows = []
+    for path, data in metrics.items():
+        flat = [{"file": path, "metric": name, "value": value} for name, value in _flatten(data)]
+        is_number = [isinstance(r["value"], (int, float)) and not isinstance(r["value"], bool) for r in flat]
+        rows += [r for r, num in zip(flat, is_number) if num] + [r for r, num in zip(flat, is_number) if not num]
+    return rows
+
+
+HEADLINE_ROWS = (("accuracy (avg@K)", "avg@K"), ("pass@K", "pass@K"), ("maj@K", "maj@K"),
+                 ("weighted maj@K", "weighted_maj@K"), ("self-verification F1", "sv_f1"),
+                 ("self-verification AUROC", "sv_auroc"), ("ECE", "sv_ece"), ("K", "K"))
+TRAIN_ROWS = (("train: final reward", "final_reward_mean"), ("train: final self-reward MSE", "final_self_reward_mse"),
+              ("train: last-quarter reward", "last_quarter_reward_mean"), ("train: steps", "steps"))
+
+
+def headline_rows(eval_metrics: dict | None, train_metrics: dict | None) -> tuple[list[dict[str, Any]], str]:
+    """The ``laser-headline`` table (at most 30 rows): one row per number, one column per model; and the view.
+
+    Per model the headline of ``eval_metrics`` (``models.<model>.headline.<view>``, the view being its
+    ``headline_view``, else ``macro`` when present, else ``overall``); then train's final reward and MSE."""
+    models = (eval_metrics or {}).get("models") or {}
+    view = (eval_metrics or {}).get("headline_view")
+    heads: dict[str, dict] = {}
+    for model, block in models.items():
+        available = (block or {}).get("headline") or {}
+        chosen = view if view in available else "macro" if "macro" in available else "overall"
+        if isinstance(available.get(chosen), dict):
+            heads[model] = available[chosen]
+            view = view or chosen
+    rows = [{"metric": label, **{model: _round(head.get(key)) for model, head in heads.items()}}
+            for label, key in HEADLINE_ROWS if any(key in head for head in heads.values())]
+    column = "trained" if "trained" in heads or not heads else list(heads)[-1]
+    for label, key in TRAIN_ROWS:
+        if train_metrics and key in train_metrics:
+            rows.append({"metric": label, **dict.fromkeys(heads, None), column: _round(train_metrics[key])})
+    return rows[:30], view or "overall"
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+_IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<src>[^)\s]+)\)")
+
+
+def embed_images(markdown: str, base_dir: Path) -> tuple[str, list[str]]:
+    """Markdown images with relative paths (which do not resolve in the Prefect UI) as ``data:`` URIs (which do).
+
+    A missing image, one over ``_MAX_IMAGE_BYTES`` or past ``_MAX_EMBEDDED_BYTES`` in all keeps a plain link to
+    its absolute path; returns the markdown and a note per image not embedded."""
+    notes: list[str] = []
+    budget = [_MAX_EMBEDDED_BYTES]
+    kinds = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
+             ".gif": "image/gif", ".webp": "image/webp"}
+
+    def replace(match: re.Match) -> str:
+        src = match["src"]
+        if re.match(r"^[a-z][a-z0-9+.-]*:", src):  # http:, data:, ...: resolves already
+            return match[0]
+        path = (base_dir / src).resolve()
+        kind = kinds.get(path.suffix.lower())
+        size = path.stat().st_size if path.is_file() else None
+        if kind is None or size is None or size > _MAX_IMAGE_BYTES or size > budget[0]:
+            why = ("not found" if size is None else "not an image type" if kind is None else
+                   f"{size} bytes: too large to embed")
+            notes.append(f"{path}: {why}")
+            return f"[{match['alt'] or path.name}: `{path}`]"
+        budget[0] -= size
+        return f"![{match['alt']}](data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return _IMAGE.sub(replace, markdown), notes
 
 
 def publish_artifacts(repo_root: Path, report: Path, metrics: dict[str, dict],
-                      results: dict[str, dict]) -> None:
-    """The ``laser-metrics`` table and the ``laser-report`` markdown artifacts of this flow run."""
-    rows = [{"file": path, "metric": name, "value": value}
-            for path, data in metrics.items() for name, value in _flatten(data)]
+                      results: dict[str, dict], params: Params | None = None) -> None:
+    """The ``laser-headline`` and ``laser-metrics`` tables and the ``laser-report`` markdown of this flow run."""
+    rows = metrics_rows(metrics)
     note = ""
     if len(rows) > _MAX_TABLE_ROWS:
         note = f" (first {_MAX_TABLE_ROWS} of {len(rows)} rows; the files hold all)"
         rows = rows[:_MAX_TABLE_ROWS]
+    if params is not None:
+        eval_data = metrics.get(Path(params.paths.eval_metrics).as_posix())
+        train_data = metrics.get(Path(params.paths.train_metrics).as_posix())
+        head, view = headline_rows(eval_data, train_data)
+        create_table_artifact(table=head or [{"metric": "(no eval or train metrics yet)"}], key=HEADLINE_ARTIFACT,
+                              description=f"LaSeR headline (view {view!r} of the eval sets; K = samples per problem); "
+                                          f"all metrics: {METRICS_ARTIFACT}")
     create_table_artifact(table=rows or [{"file": "", "metric": "(no metrics files yet)", "value": ""}],
                           key=METRICS_ARTIFACT,
                           description=f"Metrics of every DVC metrics file under {repo_root}{note}")
@@ -376,7 +564,10 @@ def publish_artifacts(repo_root: Path, report: Path, metrics: dict[str, dict],
         text = report.read_text(errors="replace")
         if len(text) > _MAX_REPORT_CHARS:
             text = text[:_MAX_REPORT_CHARS] + f"\n\n… (truncated; the full report is `{report}`)"
+        text, missing = embed_images(text, report.parent)
         lines += ["", "---", "", text]
+        if missing:
+            lines += ["", "Plots not embedded: " + "; ".join(missing)]
     create_markdown_artifact(markdown="\n".join(lines), key=REPORT_ARTIFACT,
                              description=f"LaSeR report: {report}")
 
@@ -402,9 +593,36 @@ def _in_root(repo_root: Path, path: str | Path) -> Path:
     return path if path.is_absolute() else repo_root / path
 
 
+def show_run_logs() -> None:
+    """Raise Prefect's flow and task run loggers to INFO when they only inherit a quieter level (scripts/env.sh sets
+    ``PREFECT_LOGGING_LEVEL=WARNING`` to keep Prefect's own chatter off the console): what a stage prints is then in
+    its task run's logs in the UI, and on the console. A level set for those loggers themselves is kept."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        run_logger = logging.getLogger(name)
+        if run_logger.level == logging.NOTSET and run_logger.getEffectiveLevel() > logging.INFO:
+            run_logger.setLevel(logging.INFO)
+
+
+def flow_run_url() -> str | None:
+    """The UI page of the current flow run when a Prefect server is used (None with the ephemeral API)."""
+    from prefect.runtime import flow_run
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url or not flow_run.id:
+        return None
+    try:
+        return flow_run.ui_url
+    except Exception:  # a URL for the user's convenience, never a reason to fail
+        return None
+
+
+def _stage_group(name: str) -> str:
+    return name.rpartition("@")[0] or name
+
+
 @flow(name="laser-pipeline", log_prints=False)
 def laser_pipeline(profile: str | None = None, force: str | None = None, params_file: str = "params.yaml",
-                   repo_root: str | None = None) -> dict[str, Any]:
+                   repo_root: str | None = None, max_parallel: int | None = None) -> dict[str, Any]:
     """Run every stage of dvc.yaml in DAG order, each as ``dvc repro -s <stage>`` with retries.
 
     profile: merge ``profiles/<profile>.yaml`` into ``params_file`` first (this rewrites the file).
@@ -412,11 +630,17 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
     params_file: the params file validated (and rewritten by ``profile``), relative to the repo root; it is where
         the flow reads ``flow.*`` and ``paths.*`` (the stages and dvc.yaml's ``${...}`` read ``params.yaml``).
     repo_root: the DVC project (default: this repository).
+    max_parallel: stages at once when the DAG allows (default ``flow.max_parallel``).
 
-    Returns ``{"repo_root", "order", "stages": {stage: result}, "report", "metrics"}``; raises ``PipelineError``
-    when a stage failed for good (after the artifacts are published), ``ParamsError`` on bad params.
+    Returns ``{"repo_root", "order", "stages": {stage: result}, "report", "metrics", "flow_run_url"}``; raises
+    ``PipelineError`` when a stage failed for good (after the artifacts are published), ``ParamsError`` on bad params.
     """
+    show_run_logs()
     logger = get_run_logger()
+    url = flow_run_url()
+    if url:
+        print(f"Prefect flow run: {url}", flush=True)
+        logger.info("flow run page: %s", url)
     root = Path(repo_root).resolve() if repo_root else REPO_ROOT
     params_path = _in_root(root, params_file)
     if profile:
@@ -424,49 +648,108 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
         apply_profile(params_path, profile_path)
         logger.warning("profile %s merged into %s (the file was rewritten)", profile_path, params_path)
     params = load_params(params_path)  # bad params fail here, before any stage
+    cfg = params.flow
+    parallel = cfg.max_parallel if max_parallel is None else max_parallel
+    if parallel < 1:
+        raise ValueError(f"max_parallel = {parallel} is invalid; allowed: an int >= 1")
     dag = read_dag(root)
     order = stage_order(dag)
     forced = forced_stages(dag, force)
     if not order:
         logger.warning("no stages in %s: nothing to run", root / "dvc.yaml")
-    logger.info("stages in DAG order: %s%s", ", ".join(order), f"; forced: {sorted(forced)}" if forced else "")
+    logger.info("stages in DAG order: %s%s%s", ", ".join(order), f"; forced: {sorted(forced)}" if forced else "",
+                f"; up to {parallel} at once" if parallel > 1 else "")
+    dispatch = None
+    if cfg.train_dispatch == "deployment":
+        from flows.dispatch import dispatch_settings
 
-    cfg = params.flow
-    delays = [cfg.retry_delay_s * cfg.retry_backoff**i for i in range(cfg.retries)]
-    stage_task = run_stage.with_options(retries=cfg.retries, retry_delay_seconds=delays if any(delays) else 0,
+        if cfg.train_stage not in dag:
+            raise ValueError(f"flow.train_stage = {cfg.train_stage!r} (the stage flow.train_dispatch sends) is not "
+                             f"a stage of {root / 'dvc.yaml'}: {', '.join(order)}")
+        dispatch = dispatch_settings(cfg)  # needs a Prefect server: a clear error here, before any stage
+        logger.info("%s runs as a run of the deployment %r (flow.train_dispatch: deployment)", cfg.train_stage,
+                    cfg.train_deployment)
+
+    # One number for Prefect (its UI shows "Retry Delay: <n>s"; a list shows as NaN); the task adds the backoff.
+    stage_task = run_stage.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s,
                                         retry_condition_fn=_retry_transient)
+    gpu_task = stage_task.with_options(tags=[cfg.gpu_tag])
+    if cfg.retries:
+        waits = ", ".join(f"{cfg.retry_delay_s * cfg.retry_backoff**i:g} s" for i in range(cfg.retries))
+        logger.info("a transient stage failure is retried up to %d times, waiting %s", cfg.retries, waits)
+
+    def call(name: str, submit: bool):
+        dispatched = dispatch if name == cfg.train_stage else None
+        # a dispatched stage uses no GPU here: its run on the GPU pool takes the tag's slot there (if this task held
+        # it too, the two would wait for each other)
+        gpu = not dispatched and (_stage_group(name) in cfg.gpu_stages or name in cfg.gpu_stages)
+        chosen = gpu_task if gpu else stage_task
+        kwargs = dict(force=name in forced, repo_root=str(root), retry_delay_s=cfg.retry_delay_s,
+                      retry_backoff=cfg.retry_backoff, dispatch=dispatched)
+        return chosen.submit(name, **kwargs) if submit else chosen(name, **kwargs)
+
+    def failed(name: str, err: Exception) -> dict[str, Any]:
+        logger.error("%s", err)
+        return {"stage": name, "status": "failed", "error": str(err),
+                "bad_params": isinstance(err, BadParamsStageError),
+                "retried": not isinstance(err, PermanentStageError)}
+
     results: dict[str, dict[str, Any]] = {}
-    for name in order:
-        blocked = [up for up in dag.predecessors(name) if results[up]["status"] in ("failed", "skipped")]
-        if blocked:
-            results[name] = {"stage": name, "status": "skipped", "reason": f"upstream failed: {', '.join(blocked)}"}
-            logger.warning("skipping %s: upstream %s failed", name, ", ".join(blocked))
-            continue
-        try:
-            results[name] = stage_task(name, force=name in forced, repo_root=str(root))
-        except Exception as err:
-            results[name] = {"stage": name, "status": "failed", "error": str(err),
-                             "bad_params": isinstance(err, BadParamsStageError),
-                             "retried": not isinstance(err, PermanentStageError)}
-            logger.error("%s", err)
+    pending = list(order)
+    running: dict[Any, str] = {}  # future -> stage
+    try:
+        while pending or running:
+            for name in list(pending):  # start what is ready, in DAG order, while slots are free
+                upstream = list(dag.predecessors(name))
+                if any(up not in results for up in upstream):
+                    continue
+                blocked = [up for up in upstream if results[up]["status"] in ("failed", "skipped")]
+                pending.remove(name)
+                if blocked:
+                    results[name] = {"stage": name, "status": "skipped",
+                                     "reason": f"upstream failed: {', '.join(blocked)}"}
+                    logger.warning("skipping %s: upstream %s failed", name, ", ".join(blocked))
+                    continue
+                if parallel == 1:  # in this thread: Ctrl-C stops the stage's command at once
+                    try:
+                        results[name] = call(name, submit=False)
+                    except Exception as err:
+                        results[name] = failed(name, err)
+                    break  # rescan: what it unblocked comes next
+                running[call(name, submit=True)] = name
+                if len(running) >= parallel:
+                    break
+            if running:
+                from prefect.futures import as_completed
+
+                future = next(iter(as_completed(list(running))))
+                name = running.pop(future)
+                try:
+                    results[name] = future.result()
+                except Exception as err:
+                    results[name] = failed(name, err)
+    except BaseException:
+        kill_running_commands()  # stages in threads: their commands must not outlive the flow
+        raise
+    results = {name: results[name] for name in order}
 
     report = _in_root(root, params.paths.eval_report)
     metrics = collect_metrics(root, params, stage_env(root))
     try:
-        publish_artifacts(root, report, metrics, results)
+        publish_artifacts(root, report, metrics, results, params)
     except Exception as err:  # results stay on disk; a UI hiccup must not fail the run
         logger.warning("could not publish the Prefect artifacts: %s", err)
 
-    failed = [r for r in results.values() if r["status"] == "failed"]
-    if failed:
+    failures = [r for r in results.values() if r["status"] == "failed"]
+    if failures:
         skipped = [r["stage"] for r in results.values() if r["status"] == "skipped"]
-        message = "\n".join(r["error"] for r in failed)
+        message = "\n".join(r["error"] for r in failures)
         if skipped:
             message += f"\nskipped (upstream failed): {', '.join(skipped)}"
         raise PipelineError(message)
     return {"repo_root": str(root), "order": order, "stages": results,
             "report": str(report) if report.is_file() else None,
-            "metrics": {str(root / path): data for path, data in metrics.items()}}
+            "metrics": {str(root / path): data for path, data in metrics.items()}, "flow_run_url": url}
 
 
 # ------------------------------------------------------------------------------------- the ephemeral API server
@@ -532,6 +815,24 @@ def _end_ephemeral_server_with_this_process() -> bool:
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
+def check_server(api_url: str | None = None, timeout_s: float = 10.0) -> str | None:
+    """None when ``api_url`` (default: PREFECT_API_URL) is unset or a Prefect server answers there; else the
+    message to print (no server, or not a Prefect API)."""
+    import httpx
+
+    url = api_url if api_url is not None else os.environ.get("PREFECT_API_URL", "")
+    if not url:
+        return None
+    try:
+        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout_s)
+        response.raise_for_status()
+        return None
+    except (httpx.HTTPError, OSError) as err:
+        return (f"no Prefect server answers at PREFECT_API_URL={url} ({type(err).__name__}: {err}).\n"
+                "Start one (`source scripts/env.sh && prefect server start`), point PREFECT_API_URL at the one you "
+                "use, or unset it to run on a temporary local API.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline",
                                      description="Run the LaSeR DVC pipeline as a Prefect flow (or serve it).")
@@ -544,7 +845,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", default=DEFAULT_CRON, help=f"schedule for --serve (default: {DEFAULT_CRON!r})")
     parser.add_argument("--name", default=DEFAULT_DEPLOYMENT,
                         help=f"deployment name for --serve (default: {DEFAULT_DEPLOYMENT!r})")
+    parser.add_argument("--parallel", type=int, default=None, metavar="N",
+                        help="run up to N stages at once when the DAG allows (default: flow.max_parallel)")
     args = parser.parse_args(argv)
+    if args.parallel is not None and args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: allowed: an int >= 1")
+    if problem := check_server():
+        print(f"\nlaser-pipeline failed:\n{problem}", file=sys.stderr)
+        return 2
 
     if args.serve:
         if args.force:
@@ -555,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         laser_pipeline.serve(name=args.name, cron=args.cron,
                              parameters={"profile": args.profile, "params_file": args.params_file,
-                                         "repo_root": args.repo_root})
+                                         "repo_root": args.repo_root, "max_parallel": args.parallel})
         return 0
 
     root = Path(args.repo_root).resolve()
@@ -568,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     _end_ephemeral_server_with_this_process()
     try:
         summary = laser_pipeline(profile=args.profile, force=args.force, params_file=args.params_file,
-                                 repo_root=args.repo_root)
+                                 repo_root=args.repo_root, max_parallel=args.parallel)
     except (ParamsError, ValueError, PipelineError) as err:
         print(f"\nlaser-pipeline failed:\n{err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
@@ -579,7 +887,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report:  {summary['report'] or '(not produced)'}")
     for path in summary["metrics"]:
         print(f"metrics: {path}")
-    print(f"Prefect artifacts: {METRICS_ARTIFACT}, {REPORT_ARTIFACT}")
+    print(f"Prefect artifacts: {HEADLINE_ARTIFACT}, {METRICS_ARTIFACT}, {REPORT_ARTIFACT}")
+    if summary.get("flow_run_url"):
+        print(f"Prefect flow run: {summary['flow_run_url']}")
     return 0
 
 

@@ -45,16 +45,16 @@ FINGERPRINT = "fingerprint.json"
 log = logging.getLogger("laser.stages.train")
 
 
-def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig) -> str:
-    """What a checkpoint must share with this run to be resumed: the training params, the data, z_c, c_ref and
-    the code."""
+def fingerprint(params: Params, train_data: Path, ref_config: SelfRewardConfig, world_size: int = 1) -> str:
+    """What a checkpoint must share with this run to be resumed: the training params, the data, z_c, c_ref, the
+    code and the number of processes (DeepSpeed's ZeRO shards cannot be loaded into another world size)."""
     relevant = {k: asdict(getattr(params, k)) for k in ("model", "self_reward", "generation", "verifier", "train")}
     if params.train.lr_schedule == "constant":
         relevant["train"].pop("steps")  # training longer continues the same run; a decaying LR's length is `steps`
     relevant["train"].pop("checkpoint_every")
     relevant["train"].pop("keep_checkpoints")
     relevant["train"].pop("completions_per_step")  # what is logged, not what is trained
-    digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config)], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([relevant, asdict(ref_config), world_size], sort_keys=True).encode())
     digest.update(train_data.read_bytes())
     digest.update(code_digest().encode())
     return digest.hexdigest()
@@ -179,7 +179,7 @@ def train(params: Params) -> None:
     start = 0
     if rank == 0:
         resumable = prepare_checkpoint_dir(ckpt_dir, steps_log, fingerprint(params, Path(paths.train_data),
-                                                                              ref_config), t.steps)
+                                                                              ref_config, world_size), t.steps)
     if world_size > 1:
         torch.distributed.barrier()
     if (ckpt_dir / "latest").exists() and (rank != 0 or resumable):

@@ -5,7 +5,8 @@ the order must come from the DAG, not from the file. Every stage runs ``step.py`
 ``runs.log`` (outside the outs: a record of which commands really ran) and obeys fault markers in ``faults/``:
 ``<stage>.kill_once`` (SIGKILL itself once: a transient fault) and ``<stage>.bad_params`` (exit 2 with a
 ``params:`` line, as laser.cli does) and ``<stage>.permanent`` (exit 3 with an ``error:`` line: a failure that
-cannot succeed as configured).
+cannot succeed as configured) and ``<stage>.sleep`` (sleep that many seconds, recording start and end in
+``times.log``). Every stage prints a line and a two-step ``rollouts`` progress bar as tqdm prints one to a pipe.
 """
 
 from __future__ import annotations
@@ -26,13 +27,22 @@ pytestmark = pytest.mark.slow
 ORDER = ["a", "b", "r@x", "r@y", "c"]
 
 STEP = '''
-import json, os, signal, sys
+import json, os, signal, sys, time
 from pathlib import Path
 
 name, out, *inputs = sys.argv[1:]
 with open("runs.log", "a") as log:
     log.write(name + "\\n")
+print(f"hello from {name}", flush=True)
+for i in (1, 2):
+    print(f"\\rrollouts: {50 * i:3d}%|{'#' * 5 * i:<10}| {i}/2 [00:00<00:00]", end="", file=sys.stderr, flush=True)
+print(file=sys.stderr, flush=True)
 faults = Path("faults")
+if (faults / f"{name}.sleep").exists():
+    start = time.time()
+    time.sleep(float((faults / f"{name}.sleep").read_text()))
+    with open("times.log", "a") as log:
+        log.write(f"{name} {start} {time.time()}\\n")
 if (faults / f"{name}.kill_once").exists():
     (faults / f"{name}.kill_once").unlink()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -226,6 +236,181 @@ def test_profile_rewrites_params_and_applies(prefect_api, toy):
         laser_pipeline(repo_root=str(toy), profile="noretry")  # flow.retries: 0, so the fault is final
     assert yaml.safe_load((toy / "params.yaml").read_text())["flow"]["retries"] == 0
     assert runs(toy) == ["a"]
+
+
+def _task_runs(flow_run_id) -> dict:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in found}
+
+
+def _logs(task_run_id) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(
+            any_=[task_run_id])))]
+
+
+def test_stage_output_logs_progress_and_retry_policy_show_in_prefect(prefect_api, toy, capsys):
+    """What the UI shows: a stage's output in its task run's logs (INFO, though env.sh sets WARNING), a progress
+    artifact following its bar, a retry delay the UI can show (a number: a list shows as "NaNs"), the run's URL."""
+    import logging
+
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import laser_pipeline
+
+    prefect_logger = logging.getLogger("prefect")
+    level = prefect_logger.level
+    prefect_logger.setLevel(logging.WARNING)  # as PREFECT_LOGGING_LEVEL=WARNING (scripts/env.sh) does
+    try:
+        summary = laser_pipeline(repo_root=str(toy))
+    finally:
+        prefect_logger.setLevel(level)
+    url = summary["flow_run_url"]
+    assert url and "/flow-runs/flow-run/" in url
+    assert f"Prefect flow run: {url}" in capsys.readouterr().out
+    flow_run_id = url.rsplit("/", 1)[1]
+    task_runs = _task_runs(flow_run_id)
+    assert set(task_runs) == set(ORDER)
+    logs = _logs(task_runs["b"].id)
+    assert "[b] hello from b" in logs, logs
+    assert any("[b] rollouts: 100%" in line for line in logs), logs
+    for run in task_runs.values():
+        assert run.empirical_policy.retries == 2
+        assert isinstance(run.empirical_policy.retry_delay, (int, float))  # PARAMS: retry_delay_s 0
+    progress = Artifact.get("laser-progress-r-x")
+    assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.description == "r@x: rollouts 2/2"
+
+
+def test_backoff_extra_wait_gives_the_configured_schedule():
+    from flows.pipeline import backoff_extra_s
+
+    delay, backoff = 5.0, 2.0  # retry i waits 5 * 2**(i-1): 5, 10, 20; Prefect waits 5, the task the rest
+    assert [delay + backoff_extra_s(attempt, delay, backoff) for attempt in (2, 3, 4)] == [5.0, 10.0, 20.0]
+    assert backoff_extra_s(1, delay, backoff) == 0.0
+
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+
+
+def _eval_metrics(view_keys=("synthetic", "overall", "macro")) -> dict:
+    def head(acc):
+        return {"K": 4, "avg@K": acc, "pass@K": acc + 0.2, "maj@K": acc + 0.1, "weighted_maj@K": acc + 0.12,
+                "best_of@K": acc, "sv_acc_correct": 0.7, "sv_acc_incorrect": 0.6, "sv_f1": 0.65, "sv_auroc": 0.71,
+                "sv_ece": 0.05, "spearman_score_length": 0.1}
+    return {"settings": {"prompt_format": "chat"}, "headline_view": "macro",
+            "models": {m: {"headline": {k: head(acc + (0.01 if k == "macro" else 0)) for k in view_keys}}
+                       for m, acc in (("base", 0.3), ("trained", 0.5))}}
+
+
+def test_headline_table_picks_macro_then_overall_and_stays_short():
+    from flows.pipeline import headline_rows
+
+    train = {"steps": 8, "final_reward_mean": 0.6, "final_self_reward_mse": 0.02, "last_quarter_reward_mean": 0.55}
+    rows, view = headline_rows(_eval_metrics(), train)
+    assert view == "macro" and len(rows) <= 30
+    by = {r["metric"]: r for r in rows}
+    assert by["accuracy (avg@K)"] == {"metric": "accuracy (avg@K)", "base": 0.31, "trained": 0.51}
+    assert {"maj@K", "weighted maj@K", "self-verification F1", "self-verification AUROC", "ECE"} <= set(by)
+    assert by["train: final reward"]["trained"] == 0.6 and by["train: final self-reward MSE"]["trained"] == 0.02
+    no_macro = _eval_metrics(("synthetic", "overall"))
+    no_macro.pop("headline_view")
+    rows, view = headline_rows(no_macro, None)
+    assert view == "overall" and {r["metric"]: r for r in rows}["accuracy (avg@K)"]["base"] == 0.3
+
+
+def test_metrics_table_lists_numbers_before_text():
+    from flows.pipeline import metrics_rows
+
+    rows = metrics_rows({"eval/metrics.json": {"settings": {"prompt_format": "chat"}, "acc": 0.5, "ok": True},
+                         "data/stats.json": {"n": 3}})
+    assert [(r["file"], r["metric"]) for r in rows] == [("eval/metrics.json", "acc"),
+                                                        ("eval/metrics.json", "settings.prompt_format"),
+                                                        ("eval/metrics.json", "ok"), ("data/stats.json", "n")]
+
+
+def test_report_artifact_embeds_plots_and_headline_artifact(prefect_api, tmp_path):
+    import base64
+
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import HEADLINE_ARTIFACT, REPORT_ARTIFACT, embed_images, publish_artifacts
+    from laser.config import Params
+
+    (tmp_path / "eval" / "plots").mkdir(parents=True)
+    (tmp_path / "eval" / "plots" / "scaling.png").write_bytes(PNG)
+    report = tmp_path / "eval" / "report.md"
+    report.write_text("# r\n\n![scaling](plots/scaling.png)\n\n![gone](plots/missing.png)\n[web](http://x/y.png)\n")
+    text, notes = embed_images(report.read_text(), report.parent)
+    assert f"![scaling](data:image/png;base64,{base64.b64encode(PNG).decode()})" in text
+    assert "missing.png" in notes[0] and "not found" in notes[0] and "[web](http://x/y.png)" in text
+
+    @flow
+    def publish():
+        publish_artifacts(tmp_path, report, {"eval/metrics.json": _eval_metrics(),
+                                             "train/metrics.json": {"final_reward_mean": 0.6}}, {}, Params())
+
+    publish()
+    markdown = Artifact.get(REPORT_ARTIFACT).data
+    assert "data:image/png;base64," in markdown and "](plots/" not in markdown
+    table = Artifact.get(HEADLINE_ARTIFACT)
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert 1 < len(rows) <= 30 and rows[0]["metric"] == "accuracy (avg@K)" and "'macro'" in table.description
+
+
+def _intervals(root: Path) -> dict[str, tuple[float, float]]:
+    lines = (root / "times.log").read_text().split("\n")
+    return {name: (float(a), float(b)) for name, a, b in (line.split() for line in lines if line)}
+
+
+def test_independent_stages_run_concurrently_and_dvc_lock_keeps_both(prefect_api, toy):
+    """r@x and r@y depend only on b: with max_parallel 2 they overlap (DVC releases its repo lock while a stage's
+    command runs), and both land in dvc.lock (DVC merges the entries under its lock)."""
+    from flows.pipeline import laser_pipeline
+
+    for name in ("r@x", "r@y"):
+        (toy / "faults" / f"{name}.sleep").write_text("4")
+    summary = laser_pipeline(repo_root=str(toy), max_parallel=2)
+    assert statuses(summary) == dict.fromkeys(ORDER, "ran")
+    (x0, x1), (y0, y1) = _intervals(toy)["r@x"], _intervals(toy)["r@y"]
+    assert x0 < y1 and y0 < x1, "r@x and r@y did not overlap"
+    lock = yaml.safe_load((toy / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(ORDER)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=toy, capture_output=True,
+                            text=True, check=True)
+    assert json.loads(status.stdout or "{}") == {}
+
+
+def test_gpu_tag_limit_keeps_gpu_stages_apart(prefect_api, toy):
+    """The same two stages, tagged as GPU stages, with a tag concurrency limit of 1: never at once."""
+    from prefect import get_client
+
+    from flows.pipeline import laser_pipeline
+
+    params = yaml.safe_load((toy / "params.yaml").read_text())
+    params["flow"].update(gpu_stages=["r"], gpu_tag="toy-gpu")
+    (toy / "params.yaml").write_text(yaml.safe_dump(params))
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="toy-gpu", concurrency_limit=1)
+    for name in ("r@x", "r@y"):
+        (toy / "faults" / f"{name}.sleep").write_text("2")
+    try:
+        summary = laser_pipeline(repo_root=str(toy), max_parallel=2)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag("toy-gpu")
+    assert statuses(summary) == dict.fromkeys(ORDER, "ran")
+    (x0, x1), (y0, y1) = _intervals(toy)["r@x"], _intervals(toy)["r@y"]
+    assert x1 <= y0 or y1 <= x0, "two GPU stages ran at once"
 
 
 # ---------------------------------------------------------------------------------------- the command line (CLI)

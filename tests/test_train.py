@@ -396,3 +396,16 @@ def test_grpo_only_step_logs_no_self_reward_mse(make_trainer, repo_cache):
     trainer = make_trainer(replace(params, self_reward=replace(params.self_reward, enabled=False)))
     record = run_step(trainer, 1)
     assert record["self_reward_mse"] is None and record["self_reward_loss_on"] is False
+
+
+def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path):
+    """DeepSpeed cannot load ZeRO shards of 2 processes into 1 (it raised ZeRORuntimeException, exit 1, retried
+    by the flow): the world size is part of the fingerprint, so the run starts over."""
+    from stages.train import fingerprint
+
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"rows")
+    params = build(Params, {})
+    config = SelfRewardConfig("<z>", 7, -20.0, 0.1)
+    assert fingerprint(params, data, config, 1) == fingerprint(params, data, config, 1)
+    assert fingerprint(params, data, config, 1) != fingerprint(params, data, config, 2)
