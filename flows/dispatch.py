@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
-from flows.errors import PermanentStageError, StageError
+from flows.errors import PermanentStageError, StageFailure
 
 REMOTE_FLOW = "laser-remote-stage"
 PAYLOAD_ARTIFACT = "laser-dispatch-{stage}"
@@ -121,7 +121,7 @@ def pack(path: Path) -> dict[str, str]:
     elif path.is_file():
         data, kind = path.read_bytes(), "file"
     else:
-        raise StageError(f"{path} does not exist: it cannot be sent")
+        raise StageFailure(f"{path} does not exist: it cannot be sent")
     if len(data) > _MAX_INLINE_BYTES:
         raise PermanentStageError(f"{path} is {len(data)} bytes: too large to send inline (limit {_MAX_INLINE_BYTES});"
                                   " make it a cached DVC output (drop `cache: false`) so it goes through the remote")
@@ -144,7 +144,7 @@ def unpack(packed: dict[str, str], path: Path) -> None:
 
 
 def run_dvc(root: Path, args: list[str], logger, what: str) -> None:
-    """``dvc <args>`` in ``root``, streamed to the logs; a failure raises StageError (retried) naming ``what``,
+    """``dvc <args>`` in ``root``, streamed to the logs; a failure raises StageFailure (retried) naming ``what``,
     or PermanentStageError when DVC says no remote is configured."""
     from flows.pipeline import _dvc, run_streaming, stage_env
 
@@ -159,7 +159,7 @@ def run_dvc(root: Path, args: list[str], logger, what: str) -> None:
     code = run_streaming([*_dvc(env), "--wait-for-lock", *args], root, env, on_line)
     if code:
         text = "\n".join(f"    {line}" for line in tail[-10:])
-        cls = PermanentStageError if "no remote specified" in text or "remote is not set" in text else StageError
+        cls = PermanentStageError if "no remote specified" in text or "remote is not set" in text else StageFailure
         raise cls(f"{what} failed (`dvc {' '.join(args)}` exited {code} in {root}):\n{text}"
                   + ("\n    configure one: dvc remote add -d <name> <url>" if cls is PermanentStageError else ""))
 
@@ -171,7 +171,7 @@ def dispatch_stage(stage: str, force: bool, root: Path, settings: dict[str, Any]
     """Run ``stage`` of the project at ``root`` as a run of ``settings["deployment"]`` and bring its results here.
 
     Returns ``{"status", "remote_flow_run", "remote_pool"}``; raises ``PermanentStageError`` (not retried: no such
-    deployment, the GPU checkout's code differs, the stage failed permanently there) or ``StageError`` (retried: no
+    deployment, the GPU checkout's code differs, the stage failed permanently there) or ``StageFailure`` (retried: no
     worker picked the run up, the run was lost or crashed, a transfer failed)."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -205,7 +205,7 @@ def dispatch_stage(stage: str, force: bool, root: Path, settings: dict[str, Any]
         message = state.message or state.name
         permanent = any(word in message for word in ("PermanentStageError", "BadParamsStageError",
                                                      "cannot succeed as configured", "rejected its params"))
-        cls = PermanentStageError if permanent else StageError
+        cls = PermanentStageError if permanent else StageFailure
         raise cls(f"stage {stage!r} ended {state.name} in {where}: {message}")
     payload = read_payload(remote.id, stage)
     apply_payload(root, stage, payload, logger)
@@ -214,7 +214,7 @@ def dispatch_stage(stage: str, force: bool, root: Path, settings: dict[str, Any]
 
 
 def watch(flow_run_id, deployment: str, settings: dict[str, Any], heartbeat: str, logger):
-    """Wait for the run's final state; raise StageError when no worker starts it in time or it stops beating."""
+    """Wait for the run's final state; raise StageFailure when no worker starts it in time or it stops beating."""
     from prefect import get_client
     from prefect.states import Cancelled, Crashed
     from prefect.variables import Variable
@@ -234,7 +234,7 @@ def watch(flow_run_id, deployment: str, settings: dict[str, Any], heartbeat: str
             if state.is_scheduled() or state.is_pending():
                 if now - started_waiting > settings["start_timeout_s"]:
                     client.set_flow_run_state(flow_run_id, Cancelled(message="no worker picked it up"), force=True)
-                    raise StageError(
+                    raise StageFailure(
                         f"no worker of work pool {pool!r} started flow run {run.name!r} of {deployment} within "
                         f"{settings['start_timeout_s']:g} s (flow.dispatch_start_timeout_s); is one running? "
                         f"`prefect worker start --pool {pool}` on the GPU machine (cancelled; retried)")
@@ -247,7 +247,7 @@ def watch(flow_run_id, deployment: str, settings: dict[str, Any], heartbeat: str
                     message = (f"no heartbeat for {settings['lost_after_s']:g} s (flow.dispatch_lost_after_s): its "
                                f"worker or machine died")
                     client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-                    raise StageError(f"lost flow run {run.name!r} of {deployment} on pool {pool!r} mid-stage: "
+                    raise StageFailure(f"lost flow run {run.name!r} of {deployment} on pool {pool!r} mid-stage: "
                                      f"{message}; marked Crashed (retried: a new run resumes from the checkpoints "
                                      f"there)")
             time.sleep(_POLL_S)
@@ -275,7 +275,7 @@ def read_payload(flow_run_id, stage: str) -> dict[str, Any]:
         if _PAYLOAD_MARK in text:
             block = text.split(_PAYLOAD_MARK, 1)[1].split("```json", 1)[1].split("```", 1)[0]
             return json.loads(block)
-    raise StageError(f"the dispatched run of {stage!r} completed without its {key!r} artifact: results not found")
+    raise StageFailure(f"the dispatched run of {stage!r} completed without its {key!r} artifact: results not found")
 
 
 def apply_payload(root: Path, stage: str, payload: dict[str, Any], logger) -> None:
@@ -358,7 +358,7 @@ def laser_remote_stage(stage: str, force: bool = False, lock: str = "", params: 
             run_dvc(root, ["push", stage], logger, f"pushing the outputs of {stage} to the DVC remote")
         entry = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}).get(stage)
         if entry is None:
-            raise StageError(f"{root / 'dvc.lock'} has no entry for {stage!r} after it ran")
+            raise StageFailure(f"{root / 'dvc.lock'} has no entry for {stage!r} after it ran")
         files, kept = {}, []
         for out in outs:
             if out["cache"]:

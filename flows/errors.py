@@ -5,11 +5,11 @@ not be those the other flow modules raise."""
 from __future__ import annotations
 
 
-class StageError(RuntimeError):
+class StageFailure(RuntimeError):
     """``dvc repro -s <stage>`` failed for a reason worth retrying (signal, OOM, lost worker, ...)."""
 
 
-class PermanentStageError(StageError):
+class PermanentStageError(StageFailure):
     """The stage said it cannot succeed as configured (``laser.cli.PERMANENT_EXIT``): retrying cannot help."""
 
 

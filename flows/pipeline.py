@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import contextvars
 import json
 import logging
@@ -114,11 +113,10 @@ from prefect.artifacts import (  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 
-from flows.errors import BadParamsStageError, PermanentStageError, PipelineError, StageError  # noqa: E402
+from flows.dvc_output import ReproOutput  # noqa: E402
+from flows.errors import BadParamsStageError, PermanentStageError, PipelineError  # noqa: E402
 from laser.config import Params, apply_profile, load_params  # noqa: E402
 from laser.errors import (  # noqa: E402
-    BAD_PARAMS_EXIT,
-    PERMANENT_EXIT,
     ParamsError,
 )
 
@@ -130,10 +128,6 @@ PROGRESS_ARTIFACT = "laser-progress-{stage}"  # the stage name with what a key m
 DEFAULT_DEPLOYMENT = "scheduled"
 DEFAULT_CRON = "0 3 * * *"  # every day at 03:00 (the server's time zone: UTC unless configured)
 
-# DVC's own line for a failed stage command: "ERROR: failed to reproduce 'b': failed to run: cmd, exited with 2"
-_FAILED_RUN = re.compile(r"failed to run: .*, exited with (-?\d+)")
-# "params: train.lr = ..." (ParamsError) or "params.yaml: params: ..." (load_params prefixes the file)
-_PARAMS_LINE = re.compile(r"^(?:\S+: )?params: ")
 _MAX_TABLE_ROWS = 2000
 _MAX_REPORT_CHARS = 20_000
 _MAX_IMAGE_BYTES = 1_000_000  # a plot larger than this is linked by path, not embedded (the plots are ~30-80 kB)
@@ -316,17 +310,6 @@ class StageProgress:
             self.logger.warning("progress artifact for %s not updated (%s); the stage goes on", self.stage, err)
 
 
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    if code == 137:
-        return "exit code 137 (SIGKILL: out of memory?)"
-    return f"exit code {code}"
-
-
 def _retry_transient(_task, _task_run, state) -> bool:
     """Prefect's ``retry_condition_fn``: retry all but permanent failures (it must be a plain function)."""
     exc = state.data if isinstance(state.data, BaseException) else None
@@ -350,7 +333,7 @@ def run_stage(stage: str, force: bool = False, repo_root: str = ".", retry_delay
     ``dispatch`` (``flows.dispatch.dispatch_settings``): run the stage as a run of that deployment instead (another
     work pool; data through the DVC remote). Returns ``{"stage", "status": "ran" | "restored" | "unchanged",
     "forced", "attempt", "seconds"}``; raises ``BadParamsStageError`` or ``PermanentStageError`` (not retried), or
-    ``StageError`` (retried).
+    ``StageFailure`` (retried).
     """
     logger = get_run_logger()
     context = TaskRunContext.get()
@@ -375,25 +358,12 @@ def repro(stage: str, force: bool, repo_root: str | Path, logger, attempt: int =
     # --wait-for-lock: a stage running beside this one holds DVC's repo lock while it writes dvc.lock; wait, not fail
     cmd = [*_dvc(env), "--wait-for-lock", "repro", "-s", *(["-f"] if force else []), stage]
     echo = not logger.isEnabledFor(logging.INFO)  # at WARNING (scripts/env.sh) the console still shows DVC
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    params_lines: list[str] = []
-    failed_exit: list[int] = []
-    status = "unchanged"
+    output = ReproOutput(stage)
     progress = StageProgress(stage, logger)
 
     def on_line(stream: str, line: str) -> None:
-        nonlocal status
         progress.on_line(line)
-        if stream == "stdout" and line.startswith("Running stage "):
-            status = "ran"
-        elif stream == "stdout" and "is cached - skipping run" in line and status != "ran":
-            status = "restored"  # DVC's run-cache had these exact deps and params: outputs checked out
-        if stream == "stderr":
-            tail.append(line)
-            if _PARAMS_LINE.match(line):
-                params_lines.append(line)
-            if match := _FAILED_RUN.search(line):
-                failed_exit.append(int(match[1]))
+        output.on_line(stream, line)
         logger.info("[%s] %s", stage, line)
         if echo:
             print(f"[{stage}] {line}", file=sys.stderr if stream == "stderr" else sys.stdout, flush=True)
@@ -402,19 +372,9 @@ def repro(stage: str, force: bool, repo_root: str | Path, logger, attempt: int =
     start = time.monotonic()
     returncode = run_streaming(cmd, repo_root, env, on_line)
     seconds = round(time.monotonic() - start, 2)
-    if returncode == 0:
-        return {"stage": stage, "status": status, "forced": force, "attempt": attempt,
-                "seconds": seconds}
-    exit_code = failed_exit[-1] if failed_exit else returncode  # no "failed to run" line: dvc itself failed
-    if exit_code == BAD_PARAMS_EXIT and params_lines:
-        raise BadParamsStageError(f"stage {stage!r} rejected its params (not retried): " + "; ".join(params_lines))
-    if exit_code == PERMANENT_EXIT:
-        errors = [line for line in tail if line.startswith("error: ")] or list(tail)[-1:]
-        raise PermanentStageError(f"stage {stage!r} cannot succeed as configured (not retried): "
-                                  + "; ".join(errors))
-    last = "\n".join(f"    {line}" for line in list(tail)[-10:])
-    raise StageError(f"stage {stage!r} failed on attempt {attempt} ({_describe_exit(exit_code)}; "
-                     f"dvc exited {returncode}); last stderr lines:\n{last}")
+    if returncode != 0:
+        raise output.failure(returncode, attempt)
+    return {"stage": stage, "status": output.status, "forced": force, "attempt": attempt, "seconds": seconds}
 
 
 # ------------------------------------------------------------------------------------------------------ results
