@@ -580,56 +580,43 @@ def _stage_group(name: str) -> str:
     return name.rpartition("@")[0] or name
 
 
-@flow(name="laser-pipeline", log_prints=False)
-def laser_pipeline(profile: str | None = None, force: str | None = None, params_file: str = "params.yaml",
-                   repo_root: str | None = None, max_parallel: int | None = None) -> dict[str, Any]:
-    """Run every stage of dvc.yaml in DAG order, each as ``dvc repro -s <stage>`` with retries.
-
-    profile: merge ``profiles/<profile>.yaml`` into ``params_file`` first (this rewrites the file).
-    force: a stage (or ``foreach`` group) to rerun with everything downstream, even when DVC finds it unchanged.
-    params_file: the params file validated (and rewritten by ``profile``), relative to the repo root; it is where
-        the flow reads ``flow.*`` and ``paths.*`` (the stages and dvc.yaml's ``${...}`` read ``params.yaml``).
-    repo_root: the DVC project (default: this repository).
-    max_parallel: stages at once when the DAG allows (default ``flow.max_parallel``).
-
-    Returns ``{"repo_root", "order", "stages": {stage: result}, "report", "metrics", "flow_run_url"}``; raises
-    ``PipelineError`` when a stage failed for good (after the artifacts are published), ``ParamsError`` on bad params.
-    """
-    show_run_logs()
-    logger = get_run_logger()
+def _announce_run(logger) -> str | None:
+    """Print the flow-run URL when a server records the run (None with an ephemeral API)."""
     url = flow_run_url()
     if url:
         print(f"Prefect flow run: {url}", flush=True)
         logger.info("flow run page: %s", url)
-    root = Path(repo_root).resolve() if repo_root else REPO_ROOT
+    return url
+
+
+def _flow_params(root: Path, params_file: str, profile: str | None, logger) -> tuple[Path, Params]:
+    """Apply ``profile`` (rewriting the params file) and load the params: bad params fail here, before any stage."""
     params_path = _in_root(root, params_file)
     if profile:
         profile_path = resolve_profile(root, profile)
         apply_profile(params_path, profile_path)
         logger.warning("profile %s merged into %s (the file was rewritten)", profile_path, params_path)
-    params = load_params(params_path)  # bad params fail here, before any stage
-    cfg = params.flow
-    parallel = cfg.max_parallel if max_parallel is None else max_parallel
-    if parallel < 1:
-        raise ValueError(f"max_parallel = {parallel} is invalid; allowed: an int >= 1")
-    dag = read_dag(root)
-    order = stage_order(dag)
-    forced = forced_stages(dag, force)
-    if not order:
-        logger.warning("no stages in %s: nothing to run", root / "dvc.yaml")
-    logger.info("stages in DAG order: %s%s%s", ", ".join(order), f"; forced: {sorted(forced)}" if forced else "",
-                f"; up to {parallel} at once" if parallel > 1 else "")
-    dispatch = None
-    if cfg.train_dispatch == "deployment":
-        from flows.dispatch import dispatch_settings
+    return params_path, load_params(params_path)
 
-        if cfg.train_stage not in dag:
-            raise ValueError(f"flow.train_stage = {cfg.train_stage!r} (the stage flow.train_dispatch sends) is not "
-                             f"a stage of {root / 'dvc.yaml'}: {', '.join(order)}")
-        dispatch = dispatch_settings(cfg)  # needs a Prefect server: a clear error here, before any stage
-        logger.info("%s runs as a run of the deployment %r (flow.train_dispatch: deployment)", cfg.train_stage,
-                    cfg.train_deployment)
 
+def _train_dispatch(cfg, dag: nx.DiGraph, root: Path, order: list[str], logger) -> dict[str, Any] | None:
+    """The dispatch settings of ``flow.train_dispatch: deployment`` (None: local); a missing train stage or server
+    fails here, before any stage."""
+    if cfg.train_dispatch != "deployment":
+        return None
+    from flows.dispatch import dispatch_settings
+
+    if cfg.train_stage not in dag:
+        raise ValueError(f"flow.train_stage = {cfg.train_stage!r} (the stage flow.train_dispatch sends) is not "
+                         f"a stage of {root / 'dvc.yaml'}: {', '.join(order)}")
+    dispatch = dispatch_settings(cfg)  # needs a Prefect server: a clear error here, before any stage
+    logger.info("%s runs as a run of the deployment %r (flow.train_dispatch: deployment)", cfg.train_stage,
+                cfg.train_deployment)
+    return dispatch
+
+
+def _stage_caller(cfg, root: Path, forced: set[str], dispatch: dict[str, Any] | None, logger) -> Callable:
+    """``call(name, submit)``: run (or submit) one stage's task with the retry policy, the GPU tag and dispatch."""
     # One number for Prefect (its UI shows "Retry Delay: <n>s"; a list shows as NaN); the task adds the backoff.
     stage_task = run_stage.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s,
                                         retry_condition_fn=_retry_transient)
@@ -648,12 +635,18 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
                       retry_backoff=cfg.retry_backoff, dispatch=dispatched)
         return chosen.submit(name, **kwargs) if submit else chosen(name, **kwargs)
 
-    def failed(name: str, err: Exception) -> dict[str, Any]:
-        logger.error("%s", err)
-        return {"stage": name, "status": "failed", "error": str(err),
-                "bad_params": isinstance(err, BadParamsStageError),
-                "retried": not isinstance(err, PermanentStageError)}
+    return call
 
+
+def _failed(name: str, err: Exception, logger) -> dict[str, Any]:
+    logger.error("%s", err)
+    return {"stage": name, "status": "failed", "error": str(err), "bad_params": isinstance(err, BadParamsStageError),
+            "retried": not isinstance(err, PermanentStageError)}
+
+
+def _run_stages(dag: nx.DiGraph, order: list[str], parallel: int, call: Callable, logger) -> dict[str, dict]:
+    """Every stage once its upstream is done, in DAG order, up to ``parallel`` at once; a stage whose upstream
+    failed is skipped. Returns the results in DAG order."""
     results: dict[str, dict[str, Any]] = {}
     pending = list(order)
     running: dict[Any, str] = {}  # future -> stage
@@ -674,7 +667,7 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
                     try:
                         results[name] = call(name, submit=False)
                     except Exception as err:
-                        results[name] = failed(name, err)
+                        results[name] = _failed(name, err, logger)
                     break  # rescan: what it unblocked comes next
                 running[call(name, submit=True)] = name
                 if len(running) >= parallel:
@@ -687,19 +680,14 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
                 try:
                     results[name] = future.result()
                 except Exception as err:
-                    results[name] = failed(name, err)
+                    results[name] = _failed(name, err, logger)
     except BaseException:
         kill_running_commands()  # stages in threads: their commands must not outlive the flow
         raise
-    results = {name: results[name] for name in order}
+    return {name: results[name] for name in order}
 
-    report = _in_root(root, params.paths.eval_report)
-    metrics = collect_metrics(root, params, stage_env(root))
-    try:
-        publish_artifacts(root, report, metrics, results, params)
-    except Exception as err:  # results stay on disk; a UI hiccup must not fail the run
-        logger.warning("could not publish the Prefect artifacts: %s", err)
 
+def _raise_for_failures(results: dict[str, dict[str, Any]]) -> None:
     failures = [r for r in results.values() if r["status"] == "failed"]
     if failures:
         skipped = [r["stage"] for r in results.values() if r["status"] == "skipped"]
@@ -707,6 +695,49 @@ def laser_pipeline(profile: str | None = None, force: str | None = None, params_
         if skipped:
             message += f"\nskipped (upstream failed): {', '.join(skipped)}"
         raise PipelineError(message)
+
+
+@flow(name="laser-pipeline", log_prints=False)
+def laser_pipeline(profile: str | None = None, force: str | None = None, params_file: str = "params.yaml",
+                   repo_root: str | None = None, max_parallel: int | None = None) -> dict[str, Any]:
+    """Run every stage of dvc.yaml in DAG order, each as ``dvc repro -s <stage>`` with retries.
+
+    profile: merge ``profiles/<profile>.yaml`` into ``params_file`` first (this rewrites the file).
+    force: a stage (or ``foreach`` group) to rerun with everything downstream, even when DVC finds it unchanged.
+    params_file: the params file validated (and rewritten by ``profile``), relative to the repo root; it is where
+        the flow reads ``flow.*`` and ``paths.*`` (the stages and dvc.yaml's ``${...}`` read ``params.yaml``).
+    repo_root: the DVC project (default: this repository).
+    max_parallel: stages at once when the DAG allows (default ``flow.max_parallel``).
+
+    Returns ``{"repo_root", "order", "stages": {stage: result}, "report", "metrics", "flow_run_url"}``; raises
+    ``PipelineError`` when a stage failed for good (after the artifacts are published), ``ParamsError`` on bad params.
+    """
+    show_run_logs()
+    logger = get_run_logger()
+    url = _announce_run(logger)
+    root = Path(repo_root).resolve() if repo_root else REPO_ROOT
+    _params_path, params = _flow_params(root, params_file, profile, logger)
+    cfg = params.flow
+    parallel = cfg.max_parallel if max_parallel is None else max_parallel
+    if parallel < 1:
+        raise ValueError(f"max_parallel = {parallel} is invalid; allowed: an int >= 1")
+    dag = read_dag(root)
+    order = stage_order(dag)
+    forced = forced_stages(dag, force)
+    if not order:
+        logger.warning("no stages in %s: nothing to run", root / "dvc.yaml")
+    logger.info("stages in DAG order: %s%s%s", ", ".join(order), f"; forced: {sorted(forced)}" if forced else "",
+                f"; up to {parallel} at once" if parallel > 1 else "")
+    dispatch = _train_dispatch(cfg, dag, root, order, logger)
+    results = _run_stages(dag, order, parallel, _stage_caller(cfg, root, forced, dispatch, logger), logger)
+
+    report = _in_root(root, params.paths.eval_report)
+    metrics = collect_metrics(root, params, stage_env(root))
+    try:
+        publish_artifacts(root, report, metrics, results, params)
+    except Exception as err:  # results stay on disk; a UI hiccup must not fail the run
+        logger.warning("could not publish the Prefect artifacts: %s", err)
+    _raise_for_failures(results)
     return {"repo_root": str(root), "order": order, "stages": results,
             "report": str(report) if report.is_file() else None,
             "metrics": {str(root / path): data for path, data in metrics.items()}, "flow_run_url": url}
