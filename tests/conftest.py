@@ -40,6 +40,26 @@ def shared_data() -> Path:
     return path
 
 
+def copy_smoke_repo(repo: Path) -> Path:
+    """A git copy of the repo's files (tracked and untracked-not-ignored, no dvc.lock: a local run's lock must not
+    leak into the copy) at ``repo``, its smoke profile reading models from the repo's cache (built once)."""
+    import yaml
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in (f for f in files if f != "dvc.lock"):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / name).write_bytes((ROOT / name).read_bytes())
+    profile = yaml.safe_load((repo / "profiles" / "smoke.yaml").read_text())
+    profile["paths"] = {"cache_dir": str(ROOT / ".cache")}
+    (repo / "profiles" / "smoke.yaml").write_text(yaml.safe_dump(profile))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    return repo
+
+
 def run_with_readonly(cmd: list[str], readonly: list[Path], **kwargs) -> subprocess.CompletedProcess:
     """Run ``cmd`` with the directories ``readonly`` unwritable to it.
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_smoke_repo
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,20 +222,7 @@ def test_deploying_to_a_missing_pool_is_a_clear_message(server, tmp_path):
 @pytest.fixture
 def smoke_copy(tmp_path, tiny_model_dir) -> Path:
     """A git copy of the repo's files with the smoke profile (models from the repo's cache), as test_pipeline's."""
-    repo = tmp_path / "smoke"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in (f for f in files if f != "dvc.lock"):
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            (repo / name).write_bytes((ROOT / name).read_bytes())
-    profile = yaml.safe_load((repo / "profiles" / "smoke.yaml").read_text())
-    profile["paths"] = {"cache_dir": str(ROOT / ".cache")}
-    (repo / "profiles" / "smoke.yaml").write_text(yaml.safe_dump(profile))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=repo, check=True)
-    return repo
+    return copy_smoke_repo(tmp_path / "smoke")
 
 
 def test_smoke_pipeline_deployment_runs_on_a_process_worker(server, smoke_copy):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_smoke_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -36,20 +37,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600, home: Path | None = None
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory, tiny_model_dir) -> Path:
     """A git copy of the repo's tracked files; models come from the repo's cache (built once)."""
-    repo = tmp_path_factory.mktemp("pipeline")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in (f for f in files if f != "dvc.lock"):  # a local run's lock must not leak into the copy
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            (repo / name).write_bytes((ROOT / name).read_bytes())
-    profile = yaml.safe_load((repo / "profiles" / "smoke.yaml").read_text())
-    profile["paths"] = {"cache_dir": str(ROOT / ".cache")}
-    (repo / "profiles" / "smoke.yaml").write_text(yaml.safe_dump(profile))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=repo, check=True)
-    return repo
+    return copy_smoke_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path):
