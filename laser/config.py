@@ -56,6 +56,7 @@ class PathsParams:
     ref_constant: str = "ref/ref_constant.json"
     ref_logprobs: str = "ref/logprobs.csv"
     trained_model: str = "models/trained"
+    release_model: str = "models/laser"  # the export with a model card holding this run's evaluation (stage package)
     checkpoints: str = "checkpoints/train"
     train_steps: str = "train/steps.jsonl"
     train_metrics: str = "train/metrics.json"

@@ -211,7 +211,8 @@ def train(params: Params) -> None:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
             if rank == 0:  # older tags only: other ranks may still be finishing their shards of this one
                 prune_checkpoints(ckpt_dir, params.train.keep_checkpoints)
-    metrics = final_metrics(steps_log) if rank == 0 else None  # only rank 0 writes the step log
+    # only rank 0 writes the step log
+    metrics = {**final_metrics(steps_log), "train_problems": len(trainer.problems)} if rank == 0 else None
     export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank, params, len(trainer.problems),
                  metrics)
     if rank == 0:

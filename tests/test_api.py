@@ -81,6 +81,37 @@ def test_export_carries_the_self_reward_settings_in_config_json_and_explains_its
         assert text in card, text
 
 
+def test_package_links_the_export_and_writes_a_card_with_this_runs_eval_numbers(export_dir, tmp_path, repo_cache,
+                                                                                 monkeypatch):
+    import shutil
+
+    from laser.errors import StageError
+    from stages.package import package
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(export_dir, "models/trained")
+    params = _params(repo_cache)
+    with pytest.raises(StageError, match="metrics.json is missing: run the evaluate stage"):
+        package(params)
+    assert not Path("models/laser").exists()  # nothing half-written
+    Path("train").mkdir()
+    Path("train/metrics.json").write_text(json.dumps({"steps": 8, "final_reward_mean": 0.25, "train_problems": 20}))
+    Path("eval").mkdir()
+    Path("eval/metrics.json").write_text(json.dumps({"headline_view": "macro", "models": {
+        "trained": {"headline": {"macro": {"mean_accuracy": 0.4375, "sv_f1": 0.8125}}},
+        "base": {"headline": {"macro": {"mean_accuracy": 0.3125}}}}}))
+    release = package(params)
+    weights = next(Path("models/trained").glob("*.safetensors"))
+    assert (release / weights.name).stat().st_ino == weights.stat().st_ino  # a hard link, not a second copy
+    assert json.loads((release / "config.json").read_text())["laser"]["c_ref"] == C_REF
+    card = (release / "README.md").read_text()
+    for text in ("| trained | mean_accuracy | 0.438 |", "| trained | sv_f1 | 0.812 |",
+                 "| base | mean_accuracy | 0.312 |", "(20 problems)", 'laser.load("models/laser")'):
+        assert text in card, text
+    assert "written by the evaluate stage after this export" not in card
+    assert "eval/report.md" in Path("models/trained/README.md").read_text()  # train's export is unchanged
+
+
 # --------------------------------------------------------------------------------------------------------- score
 
 

@@ -45,7 +45,7 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
     home.mkdir()
     done = _run([sys.executable, "-m", "flows.pipeline", "--profile", "smoke"], smoke_repo, timeout=900, home=home)
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []  # nothing written outside the project
-    for stage in ("prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate"):
+    for stage in ("prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate", "package"):
         assert re.search(rf"^\s*{re.escape(stage)}\s+ran \(", done.stdout, re.MULTILINE), stage
     metrics = json.loads((smoke_repo / "eval" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"base", "trained"}
@@ -53,6 +53,8 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
     laser_json = json.loads((smoke_repo / "models" / "trained" / "laser.json").read_text())
     contract = {"self_reward_token", "self_reward_token_id", "c_ref", "beta_v"}
     assert contract <= set(laser_json) and set(laser_json) - contract <= {"prompt", "generation"}
+    card = (smoke_repo / "models" / "laser" / "README.md").read_text()
+    assert "| trained | mean_accuracy |" in card  # the packaged export's card carries this run's evaluation
     rollout = __import__("pyarrow.parquet").parquet.read_table(smoke_repo / "rollouts" / "base" / "synthetic.parquet")
     assert {"problem_id", "z_c_logprob", "score", "verify_status", "finish_reason"} <= set(rollout.column_names)
 
@@ -77,7 +79,7 @@ def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
     (smoke_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], smoke_repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "rollout@trained", "evaluate"}
+    assert ran == {"train", "rollout@trained", "evaluate", "package"}
     assert "Stage 'prepare' didn't change" in out and "Stage 'rollout@base' didn't change" in out
 
 
@@ -85,7 +87,7 @@ def test_dvc_experiment_with_a_set_param_reruns_train_and_downstream(smoke_repo)
     # 1e-5 as the README writes it: DVC writes `lr: 1e-05`, a string to YAML 1.1 (laser.config reads YAML 1.2)
     out = _run(["dvc", "exp", "run", "-S", "train.lr=1e-5", "-n", "lr1e-5"], smoke_repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "rollout@trained", "evaluate"}
+    assert ran == {"train", "rollout@trained", "evaluate", "package"}
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], smoke_repo).stdout)
     experiments = [exp for rev in shown for exp in rev.get("experiments") or []]
     names = {run["name"] for exp in experiments for run in exp.get("revs") or [] if run.get("name")}
