@@ -1,12 +1,19 @@
-"""Self-reward overhead of rollouts: z_c scored in the generation pass vs no scoring vs the official recipe.
+"""Rollout throughput and the cost of scoring z_c: static vs continuous batching, in-pass vs the official recipe.
 
-    python bench/bench_rollout_overhead.py [--model smollm2-135m-instruct] [--samples 16] [--tokens 128]
+    python bench/bench_rollout_overhead.py [--problems 16] [--samples 4] [--repeats 2]
 
-Three ways, side by side in one run, on the same prompts and seeds (so the same sampled tokens):
-  plain    : generation only (no z_c score)
-  in_pass  : generation that also returns log π(z_c | x, y, EOS) (this project)
-  official : generation only, then one separate batched full forward over prompt + response (the official code)
-Each is timed ``--repeats`` times in rotating order; the medians give overhead = time / time(plain).
+At the default params (generation.batch_size, max_new_tokens, temperature) on the pipeline's own prompts (the
+default synthetic task rendered with its chat template, instruction and few-shot turns), side by side in one run,
+the same seeds (each sample has its own generator, so every way samples the same tokens up to float rounding):
+
+  static_plain       : static batches (a batch is refilled only when empty: the implementation before), no score
+  static_in_pass     : static batches, log π(z_c | x, y, EOS) read in the generation pass
+  continuous_plain   : continuous batching (finished rows are replaced from the queue), no score
+  continuous_in_pass : continuous batching + in-pass z_c (what the pipeline runs)
+  official           : continuous_plain, then one separate full forward over prompt + response (the official code)
+
+Each way is timed ``--repeats`` times in rotating order; medians give samples/s, tokens/s, the speed-up of
+continuous batching and the overhead of scoring (time / time of the same batching without it).
 Writes bench/results/rollout_overhead.json.
 """
 
@@ -14,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -24,19 +33,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from laser.batch import collate, policy_forward
-from laser.generation import HFGenerator, Sampling
-from laser.io import atomic_write_json
-from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
+from laser.batch import collate, policy_forward  # noqa: E402
+from laser.config import Params  # noqa: E402
+from laser.data import render_prompt, synthetic_problem  # noqa: E402
+from laser.generation import HFGenerator  # noqa: E402
+from laser.io import atomic_write_json  # noqa: E402
+from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates  # noqa: E402
+from laser.runtime import sampling  # noqa: E402
 
-QUESTIONS = ["What is 17 + 25?", "Tom has 3 apples and buys 9 more. How many apples?", "What is 81 - 39?",
-             "Compute 6 * 7.", "A box holds 12 pens. How many pens are in 4 boxes?", "What is 150 + 275?",
-             "Sara reads 14 pages a day. How many pages in 3 days?", "What is 99 - 58?"]
+WAYS = ("static_plain", "static_in_pass", "continuous_plain", "continuous_in_pass", "official")
 
 
 def official_scores(model, completions, z_c_id: int, pad_id: int, micro: int) -> list[float]:
-    """The official recipe: a separate forward over prompt + response (+ z_c) for every sample (truncated ones
-    are masked afterwards, as the official code does)."""
+    """The official recipe: a separate forward over prompt + response (+ z_c) for every sample."""
     scores: list[float] = []
     with torch.no_grad():
         for i in range(0, len(completions), micro):
@@ -47,61 +56,79 @@ def official_scores(model, completions, z_c_id: int, pad_id: int, micro: int) ->
     return scores
 
 
+def prompts_of(params: Params, tokenizer, n: int) -> list[list[int]]:
+    rng = random.Random(1)
+    out = []
+    for _ in range(n):
+        text, _answer, _key = synthetic_problem(rng, params.prepare.train)
+        prompt = render_prompt(text, params.prepare.instruction, params.prepare.few_shot, tokenizer,
+                               params.prepare.prompt_format)[1]
+        out.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--z-c-token", default=None,
-                        help="the z_c token string (default: the first z_c candidate of the tokenizer)")
+    parser.add_argument("--problems", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="bench/results/rollout_overhead.json")
     args = parser.parse_args()
 
-    model_dir = resolve_model_dir(args.model, ".cache")
+    params = Params()
+    model_dir = resolve_model_dir(params.model.name, ".cache")
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
-    z_c_id = token_id(tokenizer, args.z_c_token or z_c_candidates(tokenizer)[0])
-    messages = [[{"role": "user", "content": q + " Show your reasoning briefly."}] for q in QUESTIONS]
-    prompts = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for m in messages]
-    per_prompt = max(1, args.samples // len(prompts))
-    generator = HFGenerator(model, tokenizer, batch_size=args.samples)
-    sampling = Sampling(temperature=1.0, max_new_tokens=args.tokens, seed=0)
+    z_c_id = token_id(tokenizer, z_c_candidates(tokenizer)[0])
+    prompts = prompts_of(params, tokenizer, args.problems)
+    batch = params.generation.batch_size
+    static = HFGenerator(model, tokenizer, batch_size=batch, continuous=False)
+    continuous = HFGenerator(model, tokenizer, batch_size=batch)
+    plan = sampling(params, seed=0)
 
-    def plain():
-        return generator.generate(prompts, per_prompt, sampling)
+    def run(generator, probe):
+        return generator.generate(prompts, args.samples, plan, probe_token_ids=[z_c_id] if probe else [])
 
-    def in_pass():
-        return generator.generate(prompts, per_prompt, sampling, probe_token_ids=[z_c_id])
-
-    def official():
-        completions = generator.generate(prompts, per_prompt, sampling)
-        return official_scores(model, completions, z_c_id, tokenizer.pad_token_id, args.samples)
-
-    ways = {"plain": plain, "in_pass": in_pass, "official": official}
-    plain()  # warm-up
+    ways = {
+        "static_plain": lambda: run(static, False),
+        "static_in_pass": lambda: run(static, True),
+        "continuous_plain": lambda: run(continuous, False),
+        "continuous_in_pass": lambda: run(continuous, True),
+        "official": lambda: official_scores(model, run(continuous, False), z_c_id, tokenizer.pad_token_id, batch),
+    }
+    run(continuous, False)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in ways}
     for r in range(args.repeats):
-        names = list(ways)[r % 3:] + list(ways)[:r % 3]  # rotate the order
+        names = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]  # rotate the order
         for name in names:
             start = time.perf_counter()
             ways[name]()
             times[name].append(time.perf_counter() - start)
-    completions = in_pass()
+    static_out, continuous_out = run(static, True), run(continuous, True)
+    tokens = sum(len(c.response_token_ids) for c in continuous_out)
+    same = sum(a.response_token_ids == b.response_token_ids for a, b in zip(static_out, continuous_out))
     median = {name: statistics.median(values) for name, values in times.items()}
+    samples = len(continuous_out)
     result = {
-        "model": args.model, "samples": len(completions), "max_new_tokens": args.tokens,
-        "generated_tokens": sum(len(c.response_token_ids) for c in completions),
-        "finished": sum(c.finish_reason == "eos" for c in completions), "z_c_token_id": z_c_id,
+        "model": params.model.name, "samples": samples, "batch_size": batch,
+        "max_new_tokens": params.generation.max_new_tokens, "generated_tokens": tokens,
+        "finished": sum(c.finish_reason == "eos" for c in continuous_out),
+        "same_tokens_static_vs_continuous": f"{same}/{samples}",
         "seconds": times, "median_seconds": median,
-        "overhead_in_pass": median["in_pass"] / median["plain"],
-        "overhead_official": median["official"] / median["plain"],
-        "goal_in_pass": 1.02,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "samples_per_s": {name: samples / t for name, t in median.items()},
+        "tokens_per_s": {name: tokens / t for name, t in median.items()},
+        "speedup_continuous_over_static": median["static_in_pass"] / median["continuous_in_pass"],
+        "overhead_in_pass": median["continuous_in_pass"] / median["continuous_plain"],
+        "overhead_in_pass_static": median["static_in_pass"] / median["static_plain"],
+        "overhead_official": median["official"] / median["continuous_plain"],
+        "goals": {"speedup_continuous_over_static": 1.5, "overhead_in_pass": 1.02},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
     }
     atomic_write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("overhead_in_pass", "overhead_official", "median_seconds",
-                                             "generated_tokens", "finished")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("speedup_continuous_over_static", "overhead_in_pass",
+                                             "overhead_official", "samples_per_s", "same_tokens_static_vs_continuous")},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""Training-step cost of LaSeR vs GRPO-only on the same batches, with DeepSpeed ZeRO-3 (CPU).
+"""Training-step cost, side by side on one batch: LaSeR and GRPO-only on DeepSpeed ZeRO-3, and a bare PyTorch floor.
 
-    python bench/bench_train_step.py [--model smollm2-135m-instruct] [--steps 4]
+    python bench/bench_train_step.py [--model smollm2-135m-instruct] [--steps 3] [--modes laser_fp32,...]
 
-Time: one process, one engine; the same fixed rollout batch is trained on alternately with the self-reward
-loss on (LaSeR) and off (GRPO-only), so both see the same shapes. The only extra work of LaSeR is the z_c
-column in the same forward and the MSE term. Memory: each mode once more in a fresh subprocess, reporting
-its peak resident set size (ru_maxrss). Writes bench/results/train_step.json.
+Every mode trains on the same fixed rollout batch (16 × (64 prompt + 128 response) tokens, micro-batch 8, one
+optimizer step) through the trainer's own ``train_on`` (the same loss maths):
+
+  laser_fp32_full_head : ZeRO-3, fp32, the LM head on every position (the implementation before the lean head)
+  laser_fp32 / grpo_fp32 : ZeRO-3, fp32, the head on response positions + the slot only (self-reward loss on/off)
+  laser_bf16 / grpo_bf16 : ZeRO-3, bf16 autocast (fp32 weights and AdamW state)
+  laser_bf16_gc          : ZeRO-3, bf16, gradient checkpointing (train.gradient_checkpointing)
+  bare_fp32 / bare_bf16  : no DeepSpeed: the same PolicyModel, loss and clipping, plain torch.optim.AdamW (floor)
+
+Each mode runs in a fresh process (one warm-up step, then ``--steps`` timed), which also gives its peak resident
+set size (ru_maxrss). The FLOP floor is 6 · parameters · tokens (forward + backward). The peer (TRL's
+GRPOTrainer, a full step with generation) is bench/bench_peer.py. Writes bench/results/train_step.json.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from laser import engine as ds  # noqa: E402
+from laser.batch import PolicyModel  # noqa: E402
 from laser.config import Params, build  # noqa: E402
 from laser.io import atomic_write_json  # noqa: E402
 from laser.models import load_model, load_tokenizer, resolve_model_dir  # noqa: E402
@@ -34,79 +44,184 @@ from laser.schedule import Phase  # noqa: E402
 from laser.score import SelfRewardConfig  # noqa: E402
 from laser.trainer import LaserTrainer, Rollout  # noqa: E402
 
+MODES = ("laser_fp32_full_head", "laser_fp32", "grpo_fp32", "bare_fp32", "laser_bf16", "grpo_bf16", "bare_bf16",
+         "laser_bf16_gc")
+PROMPT_TOKENS, ROWS, MICRO = 64, 16, 8  # micro-batch 8: the main job's train.micro_batch_size
 
-def make_trainer(model_name: str) -> LaserTrainer:
+
+class BareEngine:
+    """What LaserTrainer needs of a DeepSpeed engine, in plain PyTorch: AdamW, global-norm clipping, no ZeRO."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, grad_clip: float | None):
+        self.module, self.grad_clip = module, grad_clip
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+        self.device = torch.device("cpu")
+        self._norm = 0.0
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def backward(self, loss, scale_wrt_gas=False):
+        loss.backward()
+
+    def step(self):  # micro-batches accumulate; the trainer calls step() once per micro-batch, as with DeepSpeed
+        self._micro = getattr(self, "_micro", 0) + 1
+        if self._micro % self.accumulation == 0:
+            self._norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or 1e9))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self):
+        return self._norm
+
+    def get_lr(self):
+        return [self.optimizer.param_groups[0]["lr"]]
+
+
+def make_trainer(model_name: str, mode: str) -> LaserTrainer:
+    bf16, gc = "bf16" in mode, mode.endswith("_gc")
     params = build(Params, {"model": {"name": model_name},
                             "train": {"prompts_per_step": 4, "group_size": 4, "mini_batch_size": 16,
-                                      "micro_batch_size": 4, "lr": 1e-6}})
-    ds.init_distributed()
+                                      "micro_batch_size": MICRO, "lr": 1e-6,
+                                      "compute_dtype": "bfloat16" if bf16 else "float32",
+                                      "gradient_checkpointing": gc},
+                            "self_reward": {"enabled": not mode.startswith("grpo")}})
     model_dir = resolve_model_dir(model_name, ".cache")
-    tokenizer = load_tokenizer(model_dir)
-    engine = ds.initialize(load_model(model_dir), params.train, "float32", world_size=1)
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    if mode.startswith("bare"):
+        engine = BareEngine(PolicyModel(model, params.train.logits_chunk, params.train.compute_dtype), 1e-6, 1.0)
+        engine.accumulation = params.train.mini_batch_size // params.train.micro_batch_size
+    else:
+        ds.init_distributed()
+        engine = ds.initialize(model, params.train, "float32", world_size=1)
+        if mode.endswith("full_head"):
+            engine.module.lean = False
     problems = [{"id": str(i), "answer": "1", "prompt": "x"} for i in range(4)]
     config = SelfRewardConfig("z_c", 6, c_ref=-26.6, beta_v=params.self_reward.beta_v)
     return LaserTrainer(params, engine, tokenizer, problems, config)
 
 
 def fixed_rollout(trainer: LaserTrainer, length: int) -> Rollout:
-    """16 responses of ``length`` tokens (EOS-terminated), half rewarded: the same batch for both modes."""
+    """16 responses of ``length`` tokens (EOS-terminated), half rewarded: the same batch for every mode."""
     g = torch.Generator().manual_seed(0)
     vocab = len(trainer.tokenizer)
-    prompts = [torch.randint(100, vocab - 100, (64,), generator=g).tolist() for _ in range(16)]
+    prompts = [torch.randint(100, vocab - 100, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(ROWS)]
     eos = trainer.tokenizer.eos_token_id
-    responses = [[*torch.randint(100, vocab - 100, (length - 1,), generator=g).tolist(), eos] for _ in range(16)]
-    rewards = torch.tensor([float(i % 2) for i in range(16)])
-    return Rollout(prompts, responses, torch.ones(16, dtype=torch.bool), rewards, torch.zeros(16), {},
-                   torch.ones(16, dtype=torch.bool))
+    responses = [[*torch.randint(100, vocab - 100, (length - 1,), generator=g).tolist(), eos] for _ in range(ROWS)]
+    rewards = torch.tensor([float(i % 2) for i in range(ROWS)])
+    return Rollout(prompts, responses, torch.ones(ROWS, dtype=torch.bool), rewards, torch.zeros(ROWS), {},
+                   torch.ones(ROWS, dtype=torch.bool))
 
 
-def step_seconds(trainer: LaserTrainer, rollout: Rollout, laser_on: bool) -> float:
-    sr = replace(trainer.params.self_reward, enabled=laser_on)
-    trainer.params = replace(trainer.params, self_reward=sr)
+def step_seconds(trainer: LaserTrainer, rollout: Rollout) -> tuple[float, dict]:
     advantages = torch.linspace(-1, 1, len(rollout.responses))
     start = time.perf_counter()
-    trainer.train_on(rollout, advantages, Phase(True, False))
-    return time.perf_counter() - start
+    metrics = trainer.train_on(rollout, advantages, Phase(True, False))
+    return time.perf_counter() - start, metrics
 
 
-def memory_child(model_name: str, laser_on: bool, length: int) -> None:
-    trainer = make_trainer(model_name)
+@torch.no_grad()
+def precision_gap(model_name: str, length: int) -> dict:
+    """How far bf16 autocast moves the training forward's numbers from fp32 on the bench batch: token log-probs
+    (response positions) and log π(z_c | x, y, EOS), and what that is in self-reward score units (× β_v)."""
+    from laser.batch import policy_forward
+
+    trainer = make_trainer(model_name, "bare_fp32")
+    batch = trainer.policy_batch(fixed_rollout(trainer, length))
+    model = trainer.engine.module
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model.compute_dtype = dtype
+        out[dtype] = policy_forward(model, batch)
+    mask = batch.response_mask
+    token_gap = (out["float32"][0] - out["bfloat16"][0])[mask].abs()
+    z_c_gap = (out["float32"][1] - out["bfloat16"][1])[batch.has_slot].abs()
+    beta_v = trainer.params.self_reward.beta_v
+    return {"token_logprob_abs_diff_mean": float(token_gap.mean()), "token_logprob_abs_diff_max": float(token_gap.max()),
+            "z_c_logprob_abs_diff_mean": float(z_c_gap.mean()), "z_c_logprob_abs_diff_max": float(z_c_gap.max()),
+            "score_abs_diff_max": beta_v * float(z_c_gap.max()), "beta_v": beta_v}
+
+
+def child(model_name: str, mode: str, length: int, steps: int) -> dict:
+    trainer = make_trainer(model_name, mode)
     rollout = fixed_rollout(trainer, length)
-    step_seconds(trainer, rollout, laser_on)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    _, first = step_seconds(trainer, rollout)  # warm-up (and the loss at the same weights for every mode)
+    seconds = [step_seconds(trainer, rollout)[0] for _ in range(steps)]
+    return {"seconds": seconds, "median_seconds": statistics.median(seconds),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "first_step_pg_loss": first["pg_loss"], "first_step_self_reward_mse": first.get("self_reward_mse")}
+
+
+def run_child(args, mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, __file__, "--model", args.model, "--length", str(args.length),
+                          "--steps", str(args.steps), "--child", mode], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--memory-child", choices=("laser", "grpo"))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--child", choices=MODES)
     parser.add_argument("--out", default="bench/results/train_step.json")
+    parser.add_argument("--precision-gap-only", action="store_true",
+                        help="only (re)measure bf16_vs_fp32_forward into the existing --out file")
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(args.model, args.memory_child == "laser", args.length)
+    if args.precision_gap_only:
+        result = json.loads(Path(args.out).read_text())
+        result["bf16_vs_fp32_forward"] = precision_gap(args.model, args.length)
+        atomic_write_json(args.out, result)
+        print(json.dumps(result["bf16_vs_fp32_forward"], indent=1))
         return
-    trainer = make_trainer(args.model)
-    rollout = fixed_rollout(trainer, args.length)
-    step_seconds(trainer, rollout, True)  # warm-up
-    times: dict[str, list[float]] = {"laser": [], "grpo": []}
-    for i in range(args.steps):
-        for mode in (("laser", "grpo") if i % 2 == 0 else ("grpo", "laser")):
-            times[mode].append(step_seconds(trainer, rollout, mode == "laser"))
-    memory = {}
-    for mode in ("laser", "grpo"):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--length", str(args.length),
-                              "--memory-child", mode], capture_output=True, text=True, check=True, env=env)
-        memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-    median = {mode: statistics.median(values) for mode, values in times.items()}
-    result = {"model": args.model, "batch": f"16 x (64 prompt + {args.length} response) tokens, micro-batch 4",
-              "zero_stage": trainer.engine.zero_optimization_stage(), "seconds": times, "median_seconds": median,
-              "ratio_laser_over_grpo": median["laser"] / median["grpo"], "goal_ratio": 1.03,
-              "peak_rss_mb": memory, "torch_threads": torch.get_num_threads()}
+    if args.child:
+        print(json.dumps(child(args.model, args.child, args.length, args.steps)))
+        return
+    modes = {}
+    for mode in args.modes.split(","):
+        modes[mode] = run_child(args, mode)
+        print(mode, json.dumps({k: modes[mode][k] for k in ("median_seconds", "peak_rss_mb")}), flush=True)
+    tokens = ROWS * (PROMPT_TOKENS + args.length)
+    n_params = sum(p.numel() for p in load_model(resolve_model_dir(args.model, ".cache")).parameters())
+    for result in modes.values():
+        result["tokens_per_s"] = tokens / result["median_seconds"]
+    median = {mode: r["median_seconds"] for mode, r in modes.items()}
+
+    def ratio(a: str, b: str) -> float | None:
+        return median[a] / median[b] if a in median and b in median else None
+
+    result = {
+        "model": args.model, "parameters": n_params,
+        "batch": f"{ROWS} x ({PROMPT_TOKENS} prompt + {args.length} response) tokens, micro-batch {MICRO}",
+        "tokens": tokens, "flop_floor_tflop": 6 * n_params * tokens / 1e12, "modes": modes,
+        "bf16_vs_fp32_forward": precision_gap(args.model, args.length),
+        "ratios": {
+            "laser_over_grpo_fp32": ratio("laser_fp32", "grpo_fp32"),
+            "laser_over_grpo_bf16": ratio("laser_bf16", "grpo_bf16"),
+            "zero3_over_bare_fp32": ratio("laser_fp32", "bare_fp32"),
+            "zero3_over_bare_bf16": ratio("laser_bf16", "bare_bf16"),
+            "lean_head_over_full_head_fp32": ratio("laser_fp32", "laser_fp32_full_head"),
+            "bf16_over_fp32_before": ratio("laser_bf16", "laser_fp32_full_head"),
+            "gradient_checkpointing_over_bf16": ratio("laser_bf16_gc", "laser_bf16"),
+        },
+        "goals": {"laser_over_grpo": 1.03, "zero3_over_bare": 1.15, "bf16_over_fp32_before": 0.45,
+                  "peak_rss_mb_with_gradient_checkpointing": 2500},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     atomic_write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("ratio_laser_over_grpo", "median_seconds", "peak_rss_mb")}, indent=1))
+    print(json.dumps(result["ratios"], indent=1))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ checkouts; any DVC remote: S3, GCS, SSH, a shared directory), the way DVC projec
 3. the GPU worker (:func:`laser_remote_stage`): writes the orchestrator's ``params.yaml`` and ``dvc.lock`` and the
    inline inputs, ``dvc pull`` the cached inputs, ``dvc repro -s <stage>`` (logs and a progress artifact as at
    home), ``dvc push <stage>``, and publishes its ``dvc.lock`` entry and its uncached outputs (train's metrics,
-   step log and curves) in the artifact ``laser-dispatch-<stage>`` of its run;
+   step log, DVCLive directory and curves) in the artifact ``laser-dispatch-<stage>`` of its run;
 4. orchestrator: merges that entry into its ``dvc.lock`` (under DVC's repo lock), writes the uncached outputs and
    ``dvc pull <stage>`` the cached ones (``models/trained``): the stages downstream run here as usual.
 
-Persisted directory outputs (``checkpoints/train``) stay on the GPU machine: a retried run resumes from them there
-(so ``dvc status`` here lists that directory as missing; it is not needed here). Deploy the remote flow with
+The checkpoints (``paths.checkpoints``, resume state and not a DVC output) stay on the GPU machine: a retried run
+resumes from them there; they are not needed here. Deploy the remote flow with
 ``python -m flows.deploy --remote --pool <gpu pool>`` from the GPU checkout; see the README for a Kubernetes or
 Docker pool.
 """

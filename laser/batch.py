@@ -75,23 +75,89 @@ def logprob_after_eos(logits: torch.Tensor, slot: torch.Tensor, token_ids: torch
     return rows.gather(1, token_ids.unsqueeze(1)).squeeze(1) - torch.logsumexp(rows, dim=-1)
 
 
-def policy_forward(model, batch: PolicyBatch, extra_token_id: int | None = None, temperature: float = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One forward: (token_logprobs (R, W), z_c_logprob (R,), log π(extra token | x, y, EOS) (R,) or None).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")  # configs whose logits are not just lm_head(h)
 
-    ``token_logprobs`` are those of the sampling distribution, log_softmax(logits / temperature), so PPO ratios
-    and the policy gradient refer to the policy that produced the rollouts (as in verl); ``temperature`` 0
-    (greedy) counts as 1. z_c, and ``extra_token_id`` (z_i of the SFT ablation), are read at temperature 1: the
-    self-rewarding score is defined on π_θ itself, and the rollout engine scores it so at test time. Rows
-    without a slot (truncated responses) get z_c log-prob 0: mask them with ``batch.has_slot``.
+
+class PolicyModel(torch.nn.Module):
+    """A causal LM whose training forward computes the LM head only where the losses read it.
+
+    The losses need log π at the response positions (and log π(z_c | x, y, EOS) at the slot): about a third of a
+    row's positions here, and the (R, W, V) logits tensor is the largest activation of a small-vocabulary-heavy
+    model (SmolLM2: V = 49,152 against H = 576). The decoder body runs once over the whole row; the head runs on
+    the selected positions in chunks of ``logits_chunk`` rows, each recomputed in backward (activation
+    checkpointing) when there is more than one, so memory stays O(chunk × V) however long the responses.
+    ``compute_dtype`` ``bfloat16``: the forward runs under bfloat16 autocast (the weights and the optimizer stay fp32);
+    log-softmax is always fp32. Models whose logits are transformed after the head (soft-capping, a logit scale)
+    take the full-logits path.
+
+    ``causal_lm`` is the Hugging Face model (generation, export and checkpoints use it unchanged).
     """
-    device = next(model.parameters()).device
-    input_ids = batch.input_ids.to(device)
-    slot, has_slot = batch.slot.to(device), batch.has_slot.to(device)
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    logits = model(input_ids=input_ids, attention_mask=batch.attention_mask.to(device), position_ids=positions,
-                   use_cache=False).logits
-    temperature = temperature if temperature > 0 else 1.0
+
+    def __init__(self, causal_lm, logits_chunk: int = 2048, compute_dtype: str = "float32"):
+        super().__init__()
+        self.causal_lm, self.logits_chunk, self.compute_dtype = causal_lm, logits_chunk, compute_dtype
+        config = causal_lm.config
+        self.lean = not any(getattr(config, key, None) for key in LOGIT_TRANSFORMS) and \
+            causal_lm.get_output_embeddings() is not None
+
+    def forward(self, input_ids, attention_mask, position_ids, response_mask, slot, has_slot,
+                extra_token_id: int | None = None, temperature: float = 1.0):
+        """-> (token_logprobs (R, W) target layout, zero off the response and slot; z_c_logprob (R,), 0 where
+        ``has_slot`` is False; log π(extra_token_id | x, y, EOS) (R,) or None)."""
+        bf16 = self.compute_dtype == "bfloat16"
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if not self.lean:
+                logits = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).logits
+                return _from_full_logits(logits, input_ids, slot, has_slot, extra_token_id, temperature)
+            hidden = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                  position_ids=position_ids, use_cache=False).last_hidden_state
+            return self._lean_logprobs(hidden, input_ids, response_mask, slot, has_slot, extra_token_id,
+                                       temperature)
+
+    def _lean_logprobs(self, hidden, input_ids, response_mask, slot, has_slot, extra_token_id, temperature):
+        """The head at the response positions and the slot only (see the class docstring)."""
+        targets = response_mask.bool().clone()
+        rows = torch.nonzero(has_slot, as_tuple=True)[0]
+        targets[rows, slot[rows]] = True  # the z_c slot: its log-prob is the score's
+        row, col = torch.nonzero(targets, as_tuple=True)
+        picked = self._head_logprobs(hidden[row, col - 1], input_ids[row, col].unsqueeze(1), temperature)
+        token_logprobs = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
+        token_logprobs = token_logprobs.index_put((row, col), picked[:, 0])
+        z_c_logprob = torch.where(has_slot, token_logprobs.gather(1, slot.clamp(max=input_ids.shape[1] - 1)
+                                                                  .unsqueeze(1)).squeeze(1), 0.0)
+        if temperature == 1.0 and extra_token_id is None:
+            return token_logprobs, z_c_logprob, None
+        # z_c (and z_i) are read at temperature 1: one more head pass over the R slot rows only
+        eos_hidden = hidden[torch.arange(len(slot), device=slot.device), (slot - 1).clamp(min=0)]
+        z_c_ids = input_ids.gather(1, torch.where(has_slot, slot, 0).unsqueeze(1))
+        extra_ids = torch.full_like(z_c_ids, 0 if extra_token_id is None else extra_token_id)
+        at_eos = self._head_logprobs(eos_hidden, torch.cat([z_c_ids, extra_ids], dim=1), 1.0)
+        z_c_logprob = torch.where(has_slot, at_eos[:, 0], 0.0)
+        return token_logprobs, z_c_logprob, None if extra_token_id is None else at_eos[:, 1]
+
+    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log_softmax(lm_head(hidden) / T) at ``targets``: hidden (P, H), targets (P, m) -> (P, m) fp32."""
+        head = self.causal_lm.get_output_embeddings()
+        chunks = range(0, len(hidden), self.logits_chunk)
+        recompute = len(chunks) > 1 and torch.is_grad_enabled()
+        parts = []
+        for start in chunks:
+            args = (head, hidden[start:start + self.logits_chunk], targets[start:start + self.logits_chunk],
+                    temperature)
+            parts.append(torch.utils.checkpoint.checkpoint(_picked_logprobs, *args, use_reentrant=False)
+                         if recompute else _picked_logprobs(*args))
+        return torch.cat(parts) if parts else hidden.new_zeros((0, targets.shape[1]), dtype=torch.float32)
+
+
+def _picked_logprobs(head, hidden, targets, temperature):
+    logits = head(hidden).float()  # (chunk, V): the one full-vocabulary tensor, fp32 for the log-softmax
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def _from_full_logits(logits, input_ids, slot, has_slot, extra_token_id, temperature):
     token_logprobs = token_logprobs_from_logits(logits, input_ids, temperature)
     if temperature == 1.0:  # z_c sits in its slot, so its log-prob is already in token_logprobs
         z_c_logprob = read_z_c_logprob(token_logprobs, slot, has_slot)
@@ -102,3 +168,41 @@ def policy_forward(model, batch: PolicyBatch, extra_token_id: int | None = None,
     if extra_token_id is not None:
         extra = logprob_after_eos(logits, slot, torch.full_like(slot, extra_token_id))
     return token_logprobs, z_c_logprob, extra
+
+
+def as_policy(model) -> torch.nn.Module:
+    """``model`` itself when it is a :class:`PolicyModel` or an engine wrapping one, else a PolicyModel over it."""
+    if isinstance(model, PolicyModel) or isinstance(getattr(model, "module", None), PolicyModel):
+        return model
+    return PolicyModel(model)
+
+
+def policy_forward(model, batch: PolicyBatch, extra_token_id: int | None = None, temperature: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward: (token_logprobs (R, W), z_c_logprob (R,), log π(extra token | x, y, EOS) (R,) or None).
+
+    ``model``: a :class:`PolicyModel`, a DeepSpeed engine over one, or a plain HF causal LM (wrapped).
+    ``token_logprobs`` are those of the sampling distribution, log_softmax(logits / temperature), so PPO ratios
+    and the policy gradient refer to the policy that produced the rollouts (as in verl); ``temperature`` 0
+    (greedy) counts as 1. They are computed at the response positions (and the z_c slot) only; elsewhere 0.
+    z_c, and ``extra_token_id`` (z_i of the SFT ablation), are read at temperature 1: the self-rewarding score is
+    defined on π_θ itself, and the rollout engine scores it so at test time. Rows without a slot (truncated
+    responses) get z_c log-prob 0: mask them with ``batch.has_slot``.
+    """
+    device = next(model.parameters()).device
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return as_policy(model)(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+        position_ids=positions.to(device), response_mask=batch.response_mask.to(device),
+        slot=batch.slot.to(device), has_slot=batch.has_slot.to(device), extra_token_id=extra_token_id,
+        temperature=temperature if temperature > 0 else 1.0)
+
+
+def full_logits_forward(model, batch: PolicyBatch, extra_token_id: int | None = None, temperature: float = 1.0):
+    """The reference: one forward computing the head at every position (what policy_forward did before the
+    lean head; tests compare the two)."""
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                   use_cache=False).logits
+    temperature = temperature if temperature > 0 else 1.0
+    return _from_full_logits(logits, batch.input_ids, batch.slot, batch.has_slot, extra_token_id, temperature)

@@ -60,11 +60,14 @@ class PathsParams:
     checkpoints: str = "checkpoints/train"
     train_steps: str = "train/steps.jsonl"
     train_metrics: str = "train/metrics.json"
-    train_curves: str = "train/curves.csv"  # the step log as CSV: DVC plots read CSV/JSON/YAML, not JSON lines
+    train_curves: str = "train/curves.png"  # the training curves, one panel per quantity (laser/train_log.py)
+    train_live: str = "train/live"  # DVCLive: plots/metrics/train/<metric>.tsv per step, metrics.json (last step)
     train_completions: str = "train/completions.jsonl"  # a few decoded samples per step (train.completions_per_step)
     rollouts_dir: str = "rollouts"
     eval_metrics: str = "eval/metrics.json"
-    eval_plots: str = "eval/plots"
+    eval_summary: str = "eval/summary.json"  # the headline per model (tens of keys): what dvc exp show shows
+    eval_plots: str = "eval/plots"  # plot data (CSV) for dvc plots
+    eval_figures: str = "eval/figures"  # the same plots as PNGs, rendered offline (the report embeds them)
     eval_report: str = "eval/report.md"
     cache_dir: str = ".cache"  # may be absolute (a cache shared between checkouts); it is not a DVC output
     logs_dir: str = "logs"  # each stage's <stage>.log (laser/logs.py): ignored by DVC and git, not an output
@@ -295,6 +298,9 @@ class TrainParams:
     offload_optimizer: bool = False
     optimizer: Literal["adamw", "cpu_adam"] = "adamw"
     completions_per_step: int = 2  # decoded samples kept per step in paths.train_completions (0: none)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast forward, fp32 weights/optimizer
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    logits_chunk: int = 2048  # LM-head rows at once (response positions only); more are recomputed in backward
 
     @property
     def rollouts_per_step(self) -> int:
@@ -323,6 +329,7 @@ class TrainParams:
                  "a number > 0 (it keeps a group whose rewards are all equal from dividing 0 by 0)")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an int >= 0")
+        _require(self.logits_chunk > 0, "train.logits_chunk", self.logits_chunk, "an int > 0")
         _require(self.completions_per_step >= 0, "train.completions_per_step", self.completions_per_step,
                  "an int >= 0")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "0, 1, 2 or 3")

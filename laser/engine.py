@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from laser.batch import PolicyModel
 from laser.config import TrainParams
 from laser.errors import StageError
 from laser.models import resolve_dtype
@@ -46,7 +47,10 @@ def deepspeed_config(train: TrainParams, dtype: str, world_size: int) -> dict:
     accumulation = max(1, train.mini_batch_size // (micro * world_size))
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+        # Persistent parameters stay whole on every rank (no gather per forward). A world of 1 has nothing to
+        # partition, so all are; otherwise DeepSpeed's default (tensors under 1e5 elements: norms, biases).
+        zero.update(stage3_gather_16bit_weights_on_model_save=True,
+                    stage3_param_persistence_threshold=10**12 if world_size == 1 else 10**5)
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -92,9 +96,18 @@ def build_optimizer(model: torch.nn.Module, train: TrainParams):
 
 
 def initialize(model: torch.nn.Module, train: TrainParams, dtype: str, world_size: int):
-    """``deepspeed.initialize`` with the params' config, optimizer and LR schedule; returns the engine."""
+    """``deepspeed.initialize`` over ``model`` (a HF causal LM) wrapped as a :class:`laser.batch.PolicyModel`
+    (the LM head only where the losses read it, ``train.compute_dtype`` autocast), with the params' config,
+    optimizer and LR schedule; returns the engine. ``engine.module.causal_lm`` is the HF model."""
+    import warnings
+
     import deepspeed
 
+    # DeepSpeed 0.19 calls the deprecated reduce_scatter_tensor at every backward: one FutureWarning per step
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    if train.gradient_checkpointing:  # recompute each layer in backward: activations stop dominating memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PolicyModel(model, train.logits_chunk, train.compute_dtype)
     optimizer = build_optimizer(model, train)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
@@ -108,11 +121,11 @@ def gathered_for_generation(engine) -> Iterator[torch.nn.Module]:
 
     Decoding through the hooks re-gathers every layer at every step (~3x slower here). Pending prefetches
     are released first: gathering a parameter still in flight fails with "Cannot partition a param in flight".
-    For ZeRO stages < 3 the module is yielded as is.
+    For ZeRO stages < 3 the module is yielded as is. Yields the HF causal LM (``engine.module.causal_lm``).
     """
     import deepspeed
 
-    model = engine.module
+    model = getattr(engine.module, "causal_lm", engine.module)
     if engine.zero_optimization_stage() != 3:
         yield model
         return

@@ -8,7 +8,8 @@ official code instead re-runs a full forward over prompt + response (measured he
 Backends share one interface, ``Generator.generate(prompts, num_samples, sampling, probe_token_ids)``:
 - ``HFGenerator``: a hand-written KV-cache decode loop over any HF causal LM (CPU or GPU). It does not use
   ``model.generate`` because generate leaves the last sampled token out of the cache and keeps decoding
-  finished rows; here finished rows leave the batch (``DynamicCache.batch_select_indices``).
+  finished rows; here finished rows leave the batch (``DynamicCache.batch_select_indices``) and waiting
+  samples take their place (continuous batching).
 - a vLLM backend (GPU) is not written yet; it plugs in here with the same ``Completion`` schema, reading z_c from
   the logprobs of one extra decode step after EOS, and runs from its own environment (vLLM's pins conflict with
   prefect's: fastapi, transformers).
@@ -87,26 +88,66 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 class _DecodeState:
-    """The rows still in the batch, their KV cache, masks and positions."""
+    """The jobs in the batch (one row each), their KV cache, attention mask, next positions and pending logits."""
 
-    def __init__(self, rows: list[int], attention_mask: torch.Tensor, next_position: torch.Tensor, cache):
-        self.rows, self.attention_mask, self.next_position, self.cache = rows, attention_mask, next_position, cache
+    def __init__(self, jobs: list[int], attention_mask: torch.Tensor, next_position: torch.Tensor, cache,
+                 logits: torch.Tensor):
+        self.jobs, self.attention_mask, self.next_position, self.cache = jobs, attention_mask, next_position, cache
+        self.logits = logits  # (R, V): each row's next-token logits (for a row that just fed EOS: the probe's)
+        self.awaiting_probe = torch.zeros(len(jobs), dtype=torch.bool, device=logits.device)  # (R,) fed EOS
 
     def keep(self, keep: torch.Tensor) -> None:
         if bool(keep.all()):
             return
         index = torch.nonzero(keep, as_tuple=True)[0]
-        self.rows = [self.rows[i] for i in index.tolist()]
-        self.attention_mask = self.attention_mask[index]
-        self.next_position = self.next_position[index]
-        self.cache.batch_select_indices(index)
+        self.jobs = [self.jobs[i] for i in index.tolist()]
+        self.attention_mask, self.next_position = self.attention_mask[index], self.next_position[index]
+        self.logits, self.awaiting_probe = self.logits[index], self.awaiting_probe[index]
+        if self.jobs:
+            self.cache.batch_select_indices(index)
+            self._trim_left()
+
+    def _trim_left(self) -> None:
+        """Drop leading columns no remaining row attends (the padding of rows that left): attention stays short."""
+        used = self.attention_mask.any(dim=0)
+        first = int(used.nonzero()[0]) if bool(used.any()) else 0
+        if first:
+            self.attention_mask = self.attention_mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def extend(self, other: _DecodeState) -> None:
+        """Append ``other``'s rows; the shorter cache is left-padded (masked: positions are explicit)."""
+        width, other_width = self.attention_mask.shape[1], other.attention_mask.shape[1]
+        for state, pad in ((self, other_width - width), (other, width - other_width)):
+            if pad > 0:
+                state.attention_mask = torch.nn.functional.pad(state.attention_mask, (pad, 0))
+                for layer in state.cache.layers:
+                    layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, pad, 0))
+                    layer.values = torch.nn.functional.pad(layer.values, (0, 0, pad, 0))
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+        self.jobs = self.jobs + other.jobs
+        self.attention_mask = torch.cat([self.attention_mask, other.attention_mask])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.awaiting_probe = torch.cat([self.awaiting_probe, other.awaiting_probe])
 
 
 class HFGenerator:
-    """KV-cache sampling loop over a Hugging Face causal LM, reading probe-token log-probs after EOS."""
+    """KV-cache sampling loop over a Hugging Face causal LM, reading probe-token log-probs after EOS.
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, stop_token_ids: Sequence[int] | None = None):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    Continuous batching: the batch holds up to ``batch_size`` samples; rows that finish leave it and, once a
+    quarter of the slots is free, waiting samples are prefilled and join (their cache left-padded to the batch's
+    width), so the batch is not left decoding its last long sample alone. Every sample draws from its own seeded
+    generator, so what it gets does not depend on which samples share its batch (up to float rounding of the
+    batched matmuls, which can change a draw in rare near-ties).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, stop_token_ids: Sequence[int] | None = None,
+                 continuous: bool = True):
+        """``continuous`` False: static batches (the next ones join only when the batch is empty; benches)."""
+        self.model, self.tokenizer, self.batch_size, self.continuous = model, tokenizer, batch_size, continuous
         self.stop_token_ids = sorted(set(stop_token_ids or default_stop_ids(model, tokenizer)))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
 
@@ -114,64 +155,79 @@ class HFGenerator:
     def generate(self, prompts: Sequence[Sequence[int]], num_samples: int, sampling: Sampling,
                  probe_token_ids: Sequence[int] = (), progress: bool = False,
                  seeds: Sequence[int] | None = None) -> list[Completion]:
-        """``seeds`` (one per prompt): sample k of prompt p draws from its own generator, seeded from
-        (seeds[p], k), so what a prompt gets does not depend on the other prompts of the call (the trainer's
-        rollouts are then the same whatever the number of ranks); else one generator per chunk of ``sampling.seed``.
-        """
+        """Sample k of prompt p draws from its own generator, seeded from (``seeds[p]``, k) when ``seeds`` (one
+        per prompt) is given — what a prompt gets then does not depend on the other prompts of the call (the
+        trainer's rollouts are the same whatever the number of ranks) — else from (``sampling.seed``, p, k)."""
         jobs = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
-        chunks = [jobs[i:i + self.batch_size] for i in range(0, len(jobs), self.batch_size)]
-        bar = _progress(len(jobs), progress)
-        completions: list[Completion] = []
-        for chunk_index, chunk in enumerate(chunks):
-            # One generator per chunk, seeded from (seed, chunk): results do not depend on earlier chunks' lengths.
-            rng = torch.Generator(device=self.model.device).manual_seed(sampling.seed * 1_000_003 + chunk_index)
-            if seeds is not None:
-                rng = [torch.Generator(device=self.model.device).manual_seed((seeds[p] * 1_000_003 + k) % 2**63)
-                       for p, k in chunk]
-            completions += self._generate_chunk(prompts, chunk, sampling, list(probe_token_ids), rng)
-            bar.update(len(chunk))
-        bar.close()
-        return completions
-
-    def _generate_chunk(self, prompts, chunk, sampling, probe_ids, rng) -> list[Completion]:
+        if not jobs:
+            return []
         device = self.model.device
-        ids, mask = left_pad([prompts[p] for p, _ in chunk], self.pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        state = _DecodeState(list(range(len(chunk))), mask, position[:, -1] + 1, _new_cache(self.model))
-        logits = self._forward(ids, mask, position, state.cache)
-        responses: list[list[int]] = [[] for _ in chunk]
-        probes: list[dict[int, float] | None] = [None] * len(chunk)
+        rngs = [torch.Generator(device=device).manual_seed(
+            ((seeds[p] if seeds is not None else sampling.seed * 100_003 + p) * 1_000_003 + k) % 2**63)
+            for p, k in jobs]
+        responses: list[list[int]] = [[] for _ in jobs]
+        probes: list[dict[int, float] | None] = [None] * len(jobs)
+        probe_ids = list(probe_token_ids)
         stop = torch.tensor(self.stop_token_ids, device=device)
-        awaiting_probe = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        for step in range(sampling.max_new_tokens + 1):
+        queue = list(range(len(jobs)))
+        state = None
+        bar = _progress(len(jobs), progress)
+        while queue or state.jobs:
+            state, queue = self._admit(state, queue, [prompts[p] for p, _ in jobs])
+            awaiting_probe = state.awaiting_probe
             if probe_ids and bool(awaiting_probe.any()):
                 # These rows fed their EOS in the previous step: these logits are log π(· | x, y, EOS).
-                probe_logprobs = torch.log_softmax(logits[awaiting_probe].float(), dim=-1)[:, probe_ids]
-                for row, values in zip(_masked(state.rows, awaiting_probe), probe_logprobs.tolist()):
-                    probes[row] = dict(zip(probe_ids, values))
-            active = ~awaiting_probe
-            if step == sampling.max_new_tokens:
-                break
-            state.keep(active)
-            logits = logits[active]
-            if not state.rows:
-                break
-            tokens = sample_next_token(logits, sampling.temperature, sampling.top_p,
-                                       [rng[row] for row in state.rows] if isinstance(rng, list) else rng)
-            for row, token in zip(state.rows, tokens.tolist()):
-                responses[row].append(token)
+                values = torch.log_softmax(state.logits[awaiting_probe].float(), dim=-1)[:, probe_ids]
+                for job, row in zip(_masked(state.jobs, awaiting_probe), values.tolist()):
+                    probes[job] = dict(zip(probe_ids, row))
+            bar.update(int(awaiting_probe.sum()))
+            state.keep(~awaiting_probe)
+            if not state.jobs:
+                continue
+            tokens = sample_next_token(state.logits, sampling.temperature, sampling.top_p,
+                                       [rngs[j] for j in state.jobs])
+            for job, token in zip(state.jobs, tokens.tolist()):
+                responses[job].append(token)
             finished = torch.isin(tokens, stop)
-            if not probe_ids:  # nothing to read after EOS: finished rows leave now
-                state.keep(~finished)
-                tokens, finished = tokens[~finished], finished[~finished]
-                if not state.rows:
-                    break
-            awaiting_probe = finished
+            at_budget = torch.tensor([len(responses[j]) >= sampling.max_new_tokens for j in state.jobs],
+                                     device=device)
+            # Leaving now: truncated rows, and finished ones when there is nothing to read after their EOS.
+            leaving = at_budget & ~finished if probe_ids else at_budget | finished
+            bar.update(int(leaving.sum()))
+            state.keep(~leaving)
+            tokens, finished = tokens[~leaving], finished[~leaving]
+            if not state.jobs:
+                continue
+            state.awaiting_probe = finished if probe_ids else torch.zeros_like(finished)
             state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(tokens)[:, None]], dim=1)
-            logits = self._forward(tokens[:, None], state.attention_mask, state.next_position[:, None], state.cache)
+            state.logits = self._forward(tokens[:, None], state.attention_mask, state.next_position[:, None],
+                                         state.cache)
             state.next_position = state.next_position + 1
-        return [self._completion(prompts, job, responses[row], probes[row]) for row, job in enumerate(chunk)]
+        bar.close()
+        return [self._completion(prompts, job, responses[j], probes[j]) for j, job in enumerate(jobs)]
+
+    def _admit(self, state: _DecodeState | None, queue: list[int], job_prompts: list[Sequence[int]]
+               ) -> tuple[_DecodeState, list[int]]:
+        """Prefill waiting samples into the free slots once a quarter of the batch is free (or it is empty)."""
+        active = 0 if state is None else len(state.jobs)
+        free = self.batch_size - active
+        if not queue or (active and (not self.continuous or free < max(1, self.batch_size // 4))):
+            return state, queue
+        admitted, queue = queue[:free], queue[free:]
+        joined = self._prefill([job_prompts[j] for j in admitted], admitted)
+        if active:
+            state.extend(joined)
+            return state, queue
+        return joined, queue
+
+    def _prefill(self, prompts: list[Sequence[int]], jobs: list[int]) -> _DecodeState:
+        device = self.model.device
+        ids, mask = left_pad(prompts, self.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _new_cache(self.model)
+        logits = self._forward(ids, mask, position, cache)
+        return _DecodeState(list(jobs), mask, position[:, -1] + 1, cache, logits)
 
     def _forward(self, ids, attention_mask, position_ids, cache) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -6,7 +6,7 @@ rollouts. Files (written by :func:`write_outputs`, each atomically):
 - plot data as CSV (``scaling_<eval_set>.csv``: x = ``k``, y = ``<model>_<curve>``; ``score_hist.csv``:
   x = ``bin_center``, y = ``<model>_correct`` / ``<model>_incorrect``; ``reliability.csv``: x =
   ``<model>_confidence`` or ``bin_center``, y = ``<model>_accuracy``) and the same as PNGs, rendered offline;
-- the Markdown report: tables and the PNGs (relative links), readable with no network;
+- the Markdown report: tables and the PNGs (relative links; figures beside the plot data), readable offline;
 - the metrics JSON.
 
 matplotlib is imported only inside :func:`render_png`.
@@ -289,12 +289,20 @@ def _counts_section(m: dict[str, Any]) -> list[str]:
             f"Answer pairs checked for equivalence: {m['equivalence']['pairs_checked']}."]
 
 
-def render_report(result: EvalResult, plots_link: str) -> str:
-    """The Markdown report; ``plots_link`` is the plots directory relative to the report's directory."""
+def _training_section(link: str | None) -> list[str]:
+    if link is None:
+        return []
+    return ["", "## Training", "", "Per step, over π_old's rollouts of the step (train/steps.jsonl; DVCLive: "
+            "`dvc plots show`):", "", f"![training curves]({link})", ""]
+
+
+def render_report(result: EvalResult, plots_link: str, train_curves_link: str | None = None) -> str:
+    """The Markdown report; ``plots_link`` is the figures directory relative to the report's directory,
+    ``train_curves_link`` the training-curve PNG (relative too; None: no training section)."""
     m = result.metrics
     link = plots_link.rstrip("/")
     lines = [*_intro(m["settings"]), *_headline_section(m), *_scaling_section(result.plots, link),
-             *_self_verification_section(m, link), *_counts_section(m)]
+             *_self_verification_section(m, link), *_training_section(train_curves_link), *_counts_section(m)]
     if result.notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in result.notes)]
     if result.appendix:
@@ -302,12 +310,35 @@ def render_report(result: EvalResult, plots_link: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_KEYS = {"accuracy": "avg@K", "maj": "maj@K", "weighted_maj": "weighted_maj@K", "sv_f1": "sv_f1",
+                "sv_auroc": "sv_auroc", "sv_ece": "sv_ece"}  # summary name -> headline key
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The compact headline (``paths.eval_summary``, what ``dvc exp show`` shows): per model the macro-average
+    over eval sets of accuracy (avg@K), maj@K, self-reward-weighted maj@K, self-verification paper-F1, AUROC
+    and ECE; ``K`` the samples per problem."""
+    view = metrics["headline_view"]
+    out: dict[str, Any] = {}
+    for model, block in metrics["models"].items():
+        head = block["headline"][view]
+        out[model] = {name: head.get(key) for name, key in SUMMARY_KEYS.items()}
+        out.setdefault("K", head.get("K"))
+    return out
+
+
 def write_outputs(result: EvalResult, paths: PathsParams, threshold: float = 0.5) -> None:
-    """Write the plots directory (CSV + PNG), the report and the metrics JSON, each atomically."""
+    """Write the plots directory (CSV + PNG), the report, the metrics JSON and its summary, each atomically."""
     with atomic_path(paths.eval_plots, is_dir=True) as tmp:
         for name, rows in result.plots.items():
             (tmp / f"{name}.csv").write_text(plots_csv(rows))
+    with atomic_path(paths.eval_figures, is_dir=True) as tmp:
+        for name, rows in result.plots.items():
             render_png(name, rows, tmp / f"{name}.png", threshold)
-    link = Path(os.path.relpath(paths.eval_plots, Path(paths.eval_report).parent)).as_posix()
-    atomic_write_text(paths.eval_report, render_report(result, link))
+    report_dir = Path(paths.eval_report).parent
+    link = Path(os.path.relpath(paths.eval_figures, report_dir)).as_posix()
+    curves = Path(paths.train_curves)
+    train_link = Path(os.path.relpath(curves, report_dir)).as_posix() if curves.is_file() else None
+    atomic_write_text(paths.eval_report, render_report(result, link, train_link))
     atomic_write_json(paths.eval_metrics, result.metrics)
+    atomic_write_json(paths.eval_summary, summary(result.metrics))

@@ -133,6 +133,9 @@ class LaserTrainer:
                        self.config.z_c_id, self.tokenizer.pad_token_id)
 
     def train_on(self, rollout: Rollout, advantages: torch.Tensor, phase: Phase) -> dict:
+        # train mode: gradient checkpointing (train.gradient_checkpointing) recomputes only in it (no dropout in
+        # these models, so the log-probs are those of eval mode)
+        self.engine.module.train()
         batch = self.policy_batch(rollout)
         old_logprobs = self._old_logprobs(batch)
         class_counts = self._step_class_counts(batch, rollout.rewards)

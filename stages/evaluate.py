@@ -8,7 +8,8 @@ and writes, each atomically (:func:`laser.report.write_outputs`, which documents
 
 - ``paths.eval_metrics``: the DVC metrics JSON (layout in :func:`evaluate`; no NaN: undefined values are null
   and an ``undefined`` entry says why);
-- ``paths.eval_plots/``: DVC plot data as CSV and the same as PNGs, rendered offline;
+- ``paths.eval_plots/``: DVC plot data as CSV; ``paths.eval_figures/``: the same as PNGs, rendered offline;
+- ``paths.eval_summary``: the compact headline per model (what ``dvc exp show`` shows);
 - ``paths.eval_report``: Markdown tables and the PNGs (relative links), readable with no network.
 
 Answer equivalence for voting is :func:`laser.answers.cluster_answers`: exact match after light normalisation,
@@ -324,7 +325,8 @@ def run(params: Params, _args: Any = None) -> None:
         log.info("%s %s: %s", model, HEADLINE_VIEW, mm["headline"][HEADLINE_VIEW])
     for note in result.notes:
         log.warning("%s", note)
-    log.info("wrote %s, %s/, %s", params.paths.eval_metrics, params.paths.eval_plots, params.paths.eval_report)
+    log.info("wrote %s, %s, %s/, %s/, %s", params.paths.eval_summary, params.paths.eval_metrics,
+             params.paths.eval_plots, params.paths.eval_figures, params.paths.eval_report)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,7 +7,8 @@
 Reads ``paths.train_data``, the base model and ``paths.ref_constant`` (z_c and c_ref). Writes
 ``paths.trained_model`` (safetensors + tokenizer; the self-reward and prompt settings in config.json's ``laser``
 key and in laser.json; a model card README.md: laser/model_card.py), ``paths.train_steps`` (one JSON line per step),
-``paths.train_curves`` (the step log as CSV, for DVC plots), ``paths.train_completions`` (a few decoded samples
+``paths.train_live`` (DVCLive: per-step metrics for ``dvc plots``/``dvc exp show``) and ``paths.train_curves`` (the
+training-curve PNG; both laser/train_log.py), ``paths.train_completions`` (a few decoded samples
 per step: laser/completions.py), ``paths.train_metrics`` and checkpoints under ``paths.checkpoints`` (every
 ``train.checkpoint_every`` steps).
 A re-run resumes from the latest checkpoint if it was made with the same params, data and code (a fingerprint is kept
@@ -16,7 +17,6 @@ beside the checkpoints); otherwise it starts over.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -39,6 +39,7 @@ from laser.models import load_model, load_tokenizer
 from laser.rollouts import read_problems
 from laser.runtime import base_model_dir, code_digest, self_reward_config
 from laser.score import SelfRewardConfig
+from laser.train_log import TrainLog, render_training_curves
 from laser.trainer import LaserTrainer, append_jsonl, run_step
 
 FINGERPRINT = "fingerprint.json"
@@ -121,7 +122,7 @@ def export_model(engine, tokenizer, out_dir: Path, ref_config: SelfRewardConfig,
 
 
 def final_metrics(steps_log: Path) -> dict:
-    records = [json.loads(line) for line in steps_log.read_text().splitlines()]
+    records = read_records(steps_log)
     last = records[-1]
     tail = records[-max(1, len(records) // 4):]
 
@@ -136,14 +137,8 @@ def final_metrics(steps_log: Path) -> dict:
             "train_seconds_total": sum(r["train_seconds"] for r in records)}
 
 
-def write_curves(steps_log: Path, path: str | Path) -> None:
-    """The step log as CSV (one row per step, every scalar column; None -> empty): what ``dvc plots`` reads."""
-    records = [json.loads(line) for line in steps_log.read_text().splitlines()]
-    columns = list(dict.fromkeys(k for r in records for k, v in r.items() if not isinstance(v, (dict, list))))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+def read_records(steps_log: Path) -> list[dict]:
+    return [json.loads(line) for line in steps_log.read_text().splitlines()] if steps_log.exists() else []
 
 
 def check_outputs_writable(params: Params) -> None:
@@ -151,7 +146,7 @@ def check_outputs_writable(params: Params) -> None:
     denied, read-only filesystem: laser.cli makes it one ``error:`` line, exit 3)."""
     paths = params.paths
     ensure_writable(*dict.fromkeys([Path(paths.trained_model).parent, Path(paths.checkpoints),
-                                    Path(paths.train_steps).parent, Path(paths.train_curves).parent,
+                                    Path(paths.train_steps).parent, Path(paths.train_curves).parent, Path(paths.train_live),
                                     Path(paths.train_metrics).parent, Path(paths.train_completions).parent]))
 
 
@@ -197,6 +192,10 @@ def train(params: Params) -> None:
     trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
                            ref_config, rank, world_size, ref_model)
     steps_log.parent.mkdir(parents=True, exist_ok=True)
+    train_log = None
+    if rank == 0:
+        train_log = TrainLog(paths.train_live)
+        train_log.replay(read_records(steps_log))  # the steps a resumed run keeps
     bar = tqdm(range(start + 1, params.train.steps + 1), desc="train", disable=rank != 0, initial=start,
                total=params.train.steps)
     for step in bar:
@@ -204,7 +203,7 @@ def train(params: Params) -> None:
         if rank == 0:
             append_jsonl(steps_log, record)
             append_completions(paths.train_completions, trainer.last_completions)
-            write_curves(steps_log, paths.train_curves)  # rewritten each step (tens of rows): plots while it runs
+            train_log.log(record)  # DVCLive: `dvc plots show` draws the run so far
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", sv_f1=_fmt(record["sv_f1"]),
                             mse=_fmt(record["self_reward_mse"]))
         if step % params.train.checkpoint_every == 0 or step == params.train.steps:
@@ -216,7 +215,8 @@ def train(params: Params) -> None:
     export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank, params, len(trainer.problems),
                  metrics)
     if rank == 0:
-        write_curves(steps_log, paths.train_curves)  # also when a resumed run had no step left to run
+        render_training_curves(read_records(steps_log), paths.train_curves)
+        train_log.close()
         atomic_write_json(paths.train_metrics, metrics)
 
 

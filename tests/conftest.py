@@ -41,13 +41,16 @@ def shared_data() -> Path:
 
 
 def copy_smoke_repo(repo: Path) -> Path:
-    """A git copy of the repo's files (tracked and untracked-not-ignored, no dvc.lock: a local run's lock must not
-    leak into the copy) at ``repo``, its smoke profile reading models from the repo's cache (built once)."""
+    """A git copy of the repo's project files (tracked and untracked-not-ignored; no dvc.lock and no pipeline
+    output: a local run's lock and results must not leak into the copy) at ``repo``, its smoke profile reading
+    models from the repo's cache (built once)."""
     import yaml
+
+    from laser.config import PROJECT_FILES
 
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
-    for name in (f for f in files if f != "dvc.lock"):
+    for name in (f for f in files if f != "dvc.lock" and Path(f).parts[0] in PROJECT_FILES):
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             (repo / name).write_bytes((ROOT / name).read_bytes())

@@ -250,7 +250,8 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(
         "paths:\n  rollouts_dir: out/rollouts\n  eval_metrics: out/eval/metrics.json\n"
-        "  eval_plots: out/eval/plots\n  eval_report: out/eval/report.md\n"
+        "  eval_plots: out/eval/plots\n  eval_figures: out/eval/figures\n  eval_summary: out/eval/summary.json\n"
+        "  eval_report: out/eval/report.md\n  train_curves: out/train/curves.png\n"
         "evaluate:\n  subset_seeds: 2\n  threshold: 0.5\n  ece_bins: 5\n")
     # a LaTeX answer beside a decimal one exercises the math-verify equivalence in main()'s verifier pool
     latex = {"p3": [("\\frac{1}{2}", 1, 0.8), ("0.5", 1, 0.7), ("2", 0, 0.4), ("2", 0, 0.1)]}
@@ -277,17 +278,22 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     assert metrics["equivalence"]["pairs_checked"] >= 1
     assert set(metrics["comparison"]) == {"setA", "set-b", "overall", "macro"}
 
-    plots = Path("out/eval/plots")
+    plots, figures = Path("out/eval/plots"), Path("out/eval/figures")
     names = {"scaling_setA", "scaling_set-b", "score_hist", "reliability"}
-    assert {p.name for p in plots.iterdir()} == {f"{n}.{ext}" for n in names for ext in ("csv", "png")}
+    assert {p.name for p in plots.iterdir()} == {f"{n}.csv" for n in names}
+    assert {p.name for p in figures.iterdir()} == {f"{n}.png" for n in names}
     for name in names:
-        assert (plots / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+        assert (figures / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
         header = (plots / f"{name}.csv").read_text().splitlines()[0]
         assert header.startswith("k,") if name.startswith("scaling") else header.startswith("bin_lower,")
     report = Path("out/eval/report.md").read_text()
     for name in names:
-        assert f"](plots/{name}.png)" in report
-        assert (Path("out/eval") / "plots" / f"{name}.png").exists()
+        assert f"](figures/{name}.png)" in report
+    summary = json.loads(Path("out/eval/summary.json").read_text())
+    assert set(summary) == {"base", "trained", "K"} and summary["K"] == 4
+    assert summary["trained"]["accuracy"] == trained["headline"]["macro"]["avg@K"]
+    assert set(summary["trained"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece"}
+    assert "## Training" not in report  # no training curves in this directory: no section pointing at nothing
     assert "## base vs trained" in report
     assert not list(Path("out/eval").glob(".*tmp*"))  # no temp files left behind
 

@@ -239,3 +239,33 @@ def test_named_z_c_without_room_for_a_score_of_1_is_an_error_naming_the_fix():
         choose_z_c([_candidate("likely", -5.0, 0.1)], beta_v=0.1, margin=1.0, auto=False)
     with pytest.raises(StageError, match=r"none of the 1 candidates.*name a rarer token"):
         choose_z_c([_candidate("likely", -0.5, 0.1)], beta_v=0.1, margin=1.0, auto=True)
+
+
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 1024), (0.7, 1024), (1.0, 3), (0.7, 5)])
+def test_lean_head_equals_the_full_logits_forward_in_values_and_gradients(tiny_model_dir, temperature, chunk):
+    """The LM head on response positions and the slot only (chunked, recomputed in backward when chunked) gives
+    the full-logits forward's log-probs, z_c and z_i log-probs and parameter gradients, to 1e-5."""
+    from laser.batch import PolicyModel, full_logits_forward
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    z_c, z_i = token_id(tokenizer, "<|z_c|>"), token_id(tokenizer, "<|z_i|>")
+    prompts = [tokenizer.encode("What is 2 + 3?"), tokenizer.encode("7 - 1 =")]
+    responses = [tokenizer.encode(" 5.") + [tokenizer.eos_token_id], tokenizer.encode(" six, I think")]
+    batch = collate(prompts * 2, responses * 2, [True, False, True, True], z_c, tokenizer.pad_token_id)
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        tokens, z_c_lp, z_i_lp = forward()
+        mask = batch.response_mask
+        loss = (tokens * mask).sum() + 0.5 * (z_c_lp * batch.has_slot).sum() + 0.25 * z_i_lp.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return tokens * mask, z_c_lp, z_i_lp, grads
+
+    lean = loss_and_grads(lambda: policy_forward(PolicyModel(model, logits_chunk=chunk), batch, z_i, temperature))
+    full = loss_and_grads(lambda: full_logits_forward(model, batch, z_i, temperature))
+    for a, b in zip(lean[:3], full[:3]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert set(lean[3]) == set(full[3])
+    for name in full[3]:
+        assert torch.allclose(lean[3][name], full[3][name], atol=1e-5), name

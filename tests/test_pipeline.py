@@ -65,12 +65,21 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
     print(f"no-op dvc repro took {seconds:.1f} s")
     assert seconds < 15  # measured 0.8 s on 2 cores (goal 5 s); slack for a loaded CI machine
 
+    assert "git add dvc.lock" not in done.stdout + done.stderr  # core.autostage: no hint repeated per stage
     plots = json.loads(_run(["dvc", "plots", "show", "--json"], smoke_repo).stdout)
     assert not plots.get("errors"), plots.get("errors")
-    for name in ("train_curves", "score_histogram", "reliability"):
+    for name in ("verifier_reward", "batch_self_verification", "score_by_class", "reliability"):
         assert plots["data"][name] and plots["data"][name][0]["content"]["data"]["values"], name
+        assert plots["data"][name][0]["content"]["encoding"]["y"]["title"] != "y", name  # titled axes
     images = [key for key in plots["data"] if key.endswith(".png")]
-    assert any("scaling_" in key for key in images), sorted(plots["data"])
+    assert any("scaling_" in key for key in images) and any("score_hist" in key for key in images), images
+    assert any(key.endswith("train/curves.png") for key in images), images
+    assert not [key for key in plots["data"] if key.endswith(".csv")]  # only the declared plots, no stray CSVs
+    summary = json.loads((smoke_repo / "eval" / "summary.json").read_text())
+    assert set(summary["trained"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece"}
+    live = (smoke_repo / "train" / "live" / "plots" / "metrics" / "train" / "reward_mean.tsv").read_text()
+    assert len(live.strip().splitlines()) == 1 + 2  # header + one row per smoke step (DVCLive)
+    assert "![training curves](../train/curves.png)" in (smoke_repo / "eval" / "report.md").read_text()
 
 
 def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
@@ -83,12 +92,38 @@ def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
     assert "Stage 'prepare' didn't change" in out and "Stage 'rollout@base' didn't change" in out
 
 
-def test_dvc_experiment_with_a_set_param_reruns_train_and_downstream(smoke_repo):
+def test_dvc_experiments_compare_by_their_headline_metrics(smoke_repo):
+    """Two experiments with different values, then `dvc exp show` and `dvc metrics diff` show both's metrics."""
     # 1e-5 as the README writes it: DVC writes `lr: 1e-05`, a string to YAML 1.1 (laser.config reads YAML 1.2)
     out = _run(["dvc", "exp", "run", "-S", "train.lr=1e-5", "-n", "lr1e-5"], smoke_repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "rollout@trained", "evaluate", "package"}
+    _run(["dvc", "exp", "run", "-S", "train.lr=3e-3", "-n", "lr3e-3"], smoke_repo)
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], smoke_repo).stdout)
-    experiments = [exp for rev in shown for exp in rev.get("experiments") or []]
-    names = {run["name"] for exp in experiments for run in exp.get("revs") or [] if run.get("name")}
-    assert "lr1e-5" in names, json.dumps(shown)[:2000]
+    runs = {run["name"]: run for rev in shown for exp in rev.get("experiments") or [] for run in exp.get("revs")
+            or [] if run.get("name")}
+    assert {"lr1e-5", "lr3e-3"} <= set(runs), json.dumps(shown)[:2000]
+    for name in ("lr1e-5", "lr3e-3"):
+        metrics = runs[name]["data"]["metrics"]
+        summary = metrics["eval/summary.json"]["data"]
+        assert set(summary["trained"]) >= {"accuracy", "sv_f1", "sv_auroc"}, name
+        assert "train/metrics.json" in metrics and "eval/metrics.json" not in metrics, sorted(metrics)
+    table = _run(["dvc", "exp", "show", "--csv"], smoke_repo).stdout.splitlines()
+    assert len(table[0].split(",")) < 120, table[0]  # the summary, not every number of eval/metrics.json
+    diff = _run(["dvc", "metrics", "diff", "lr1e-5", "lr3e-3", "--json"], smoke_repo).stdout
+    assert "eval/summary.json" in json.loads(diff)
+
+
+def test_dvc_push_then_a_fresh_clone_pulls_everything_and_nothing_reruns(smoke_repo, tmp_path):
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    _run(["dvc", "remote", "add", "-d", "local", str(remote)], smoke_repo)
+    _run(["git", "add", "-A"], smoke_repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results and dvc.lock"], smoke_repo)
+    _run(["dvc", "push"], smoke_repo)
+    _run(["git", "clone", "-q", str(smoke_repo), str(clone)], tmp_path)
+    _run(["dvc", "pull"], clone)
+    assert (clone / "models" / "laser" / "README.md").is_file()
+    status = _run(["dvc", "status", "--json"], clone).stdout
+    assert json.loads(status) == {}, status
+    again = _run(["dvc", "repro"], clone).stdout
+    assert "Running stage" not in again, again
