@@ -42,6 +42,7 @@ class TrainLog:
     def __init__(self, live_dir: str | Path):
         from dvclive import Live
 
+        self.live_dir = Path(live_dir)
         shutil.rmtree(live_dir, ignore_errors=True)  # rebuilt from the step log: no step twice after a resume
         # no dvc.yaml of its own (dvc.yaml declares the plots), no experiment of its own (dvc exp run makes it)
         self.live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
@@ -59,7 +60,14 @@ class TrainLog:
         self.live.make_summary()
 
     def close(self) -> None:
+        """End the DVCLive run; a metric never logged (no sample of a class, loss off) gets a header-only file,
+        so every plot dvc.yaml declares exists (empty) rather than failing ``dvc plots show``."""
         self.live.end()
+        for key in LIVE_METRICS:
+            path = self.live_dir / "plots" / "metrics" / "train" / f"{key}.tsv"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"step\t{key}\n")
 
 
 def render_training_curves(records: Sequence[dict[str, Any]], path: str | Path) -> None:

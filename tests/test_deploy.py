@@ -243,7 +243,7 @@ def test_smoke_pipeline_deployment_runs_on_a_process_worker(server, smoke_copy):
                      "--watch-timeout", "420"], server, timeout=480)
     assert proc.poll() is not None  # the worker stopped
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    stages = ["prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate"]
+    stages = ["prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate", "package"]
     assert (smoke_copy / "eval" / "report.md").is_file()
     (flow_run,) = _flow_runs(server, "laser-pipeline/smoke")
     assert flow_run.state.is_completed()

@@ -54,7 +54,7 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
     contract = {"self_reward_token", "self_reward_token_id", "c_ref", "beta_v"}
     assert contract <= set(laser_json) and set(laser_json) - contract <= {"prompt", "generation"}
     card = (smoke_repo / "models" / "laser" / "README.md").read_text()
-    assert "| trained | mean_accuracy |" in card  # the packaged export's card carries this run's evaluation
+    assert "| trained | avg@K |" in card  # the packaged export's card carries this run's evaluation
     rollout = __import__("pyarrow.parquet").parquet.read_table(smoke_repo / "rollouts" / "base" / "synthetic.parquet")
     assert {"problem_id", "z_c_logprob", "score", "verify_status", "finish_reason"} <= set(rollout.column_names)
 
@@ -68,13 +68,19 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
     assert "git add dvc.lock" not in done.stdout + done.stderr  # core.autostage: no hint repeated per stage
     plots = json.loads(_run(["dvc", "plots", "show", "--json"], smoke_repo).stdout)
     assert not plots.get("errors"), plots.get("errors")
-    for name in ("verifier_reward", "batch_self_verification", "score_by_class", "reliability"):
+    for name in ("verifier_reward", "reliability"):  # the others may be empty on 2 smoke steps (no F1 yet)
         assert plots["data"][name] and plots["data"][name][0]["content"]["data"]["values"], name
-        assert plots["data"][name][0]["content"]["encoding"]["y"]["title"] != "y", name  # titled axes
+    labels = {"verifier_reward": "mean reward (0-1)", "self_reward_mse": "MSE",
+              "batch_self_verification": "paper F1 / AUROC (0-1)", "score_by_class": "mean r_s",
+              "reliability": "accuracy in the bin"}
+    for name, label in labels.items():  # titled axes, from dvc.yaml's y_label (a plot with no point yet is [])
+        assert name in plots["data"], name
+        assert not plots["data"][name] or f'"{label}"' in json.dumps(plots["data"][name]), name
     images = [key for key in plots["data"] if key.endswith(".png")]
     assert any("scaling_" in key for key in images) and any("score_hist" in key for key in images), images
     assert any(key.endswith("train/curves.png") for key in images), images
-    assert not [key for key in plots["data"] if key.endswith(".csv")]  # only the declared plots, no stray CSVs
+    # only the declared plots, no stray CSVs (ref/logprobs.csv: the reference log-probs of each z_c candidate)
+    assert [key for key in plots["data"] if key.endswith(".csv")] == ["ref/logprobs.csv"]
     summary = json.loads((smoke_repo / "eval" / "summary.json").read_text())
     assert set(summary["trained"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece"}
     live = (smoke_repo / "train" / "live" / "plots" / "metrics" / "train" / "reward_mean.tsv").read_text()
@@ -106,7 +112,7 @@ def test_dvc_experiments_compare_by_their_headline_metrics(smoke_repo):
     for name in ("lr1e-5", "lr3e-3"):
         metrics = runs[name]["data"]["metrics"]
         summary = metrics["eval/summary.json"]["data"]
-        assert set(summary["trained"]) >= {"accuracy", "sv_f1", "sv_auroc"}, name
+        assert set(summary["trained"]) >= {"accuracy", "maj", "weighted_maj"}, name  # (null F1/AUROC: not shown)
         assert "train/metrics.json" in metrics and "eval/metrics.json" not in metrics, sorted(metrics)
     table = _run(["dvc", "exp", "show", "--csv"], smoke_repo).stdout.splitlines()
     assert len(table[0].split(",")) < 120, table[0]  # the summary, not every number of eval/metrics.json

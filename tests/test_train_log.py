@@ -37,6 +37,7 @@ def test_dvclive_files_follow_the_kept_step_log_after_a_resume(tmp_path):
     assert [row[0] for row in rows] == ["1", "2", "3"] and float(rows[-1][1]) == 0.9
     summary = json.loads((live / "metrics.json").read_text())
     assert summary["step"] == 3 and summary["train"]["reward_mean"] == 0.9
+    assert _tsv_rows(live, "grad_norm") == []  # never logged: a header-only file for dvc.yaml's plot
     assert not (live / "dvc.yaml").exists()  # dvc.yaml declares the plots; DVCLive writes none of its own
 
 
