@@ -33,13 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from laser.batch import collate, policy_forward  # noqa: E402
-from laser.config import Params  # noqa: E402
-from laser.data import render_prompt, synthetic_problem  # noqa: E402
-from laser.generation import HFGenerator  # noqa: E402
-from laser.io import atomic_write_json  # noqa: E402
-from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates  # noqa: E402
-from laser.runtime import sampling  # noqa: E402
+from laser.batch import collate, policy_forward
+from laser.config import Params
+from laser.data import render_prompt, synthetic_problem
+from laser.generation import HFGenerator
+from laser.io import atomic_write_json
+from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
+from laser.runtime import sampling
 
 WAYS = ("static_plain", "static_in_pass", "continuous_plain", "continuous_in_pass", "official")
 

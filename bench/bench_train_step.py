@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -143,7 +142,8 @@ def precision_gap(model_name: str, length: int) -> dict:
     token_gap = (out["float32"][0] - out["bfloat16"][0])[mask].abs()
     z_c_gap = (out["float32"][1] - out["bfloat16"][1])[batch.has_slot].abs()
     beta_v = trainer.params.self_reward.beta_v
-    return {"token_logprob_abs_diff_mean": float(token_gap.mean()), "token_logprob_abs_diff_max": float(token_gap.max()),
+    return {"token_logprob_abs_diff_mean": float(token_gap.mean()),
+            "token_logprob_abs_diff_max": float(token_gap.max()),
             "z_c_logprob_abs_diff_mean": float(z_c_gap.mean()), "z_c_logprob_abs_diff_max": float(z_c_gap.max()),
             "score_abs_diff_max": beta_v * float(z_c_gap.max()), "beta_v": beta_v}
 

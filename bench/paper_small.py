@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from laser.io import atomic_path, atomic_write_json  # noqa: E402
+from laser.io import atomic_path, atomic_write_json
 
 COLUMNS = ("accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece")
 

@@ -146,7 +146,8 @@ def check_outputs_writable(params: Params) -> None:
     denied, read-only filesystem: laser.cli makes it one ``error:`` line, exit 3)."""
     paths = params.paths
     ensure_writable(*dict.fromkeys([Path(paths.trained_model).parent, Path(paths.checkpoints),
-                                    Path(paths.train_steps).parent, Path(paths.train_curves).parent, Path(paths.train_live),
+                                    Path(paths.train_steps).parent,
+                                    Path(paths.train_curves).parent, Path(paths.train_live),
                                     Path(paths.train_metrics).parent, Path(paths.train_completions).parent]))
 
 

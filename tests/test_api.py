@@ -91,7 +91,7 @@ def test_package_links_the_export_and_writes_a_card_with_this_runs_eval_numbers(
     monkeypatch.chdir(tmp_path)
     shutil.copytree(export_dir, "models/trained")
     params = _params(repo_cache)
-    with pytest.raises(StageError, match="metrics.json is missing: run the evaluate stage"):
+    with pytest.raises(StageError, match=r"metrics\.json is missing: run the evaluate stage"):
         package(params)
     assert not Path("models/laser").exists()  # nothing half-written
     Path("train").mkdir()

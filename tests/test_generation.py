@@ -250,7 +250,7 @@ def test_lean_head_equals_the_full_logits_forward_in_values_and_gradients(tiny_m
     tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
     z_c, z_i = token_id(tokenizer, "<|z_c|>"), token_id(tokenizer, "<|z_i|>")
     prompts = [tokenizer.encode("What is 2 + 3?"), tokenizer.encode("7 - 1 =")]
-    responses = [tokenizer.encode(" 5.") + [tokenizer.eos_token_id], tokenizer.encode(" six, I think")]
+    responses = [[*tokenizer.encode(" 5."), tokenizer.eos_token_id], tokenizer.encode(" six, I think")]
     batch = collate(prompts * 2, responses * 2, [True, False, True, True], z_c, tokenizer.pad_token_id)
 
     def loss_and_grads(forward):
