@@ -51,8 +51,8 @@ PROMPT_TOKENS, ROWS, MICRO = 64, 16, 8  # micro-batch 8: the main job's train.mi
 class BareEngine:
     """What LaserTrainer needs of a DeepSpeed engine, in plain PyTorch: AdamW, global-norm clipping, no ZeRO."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, grad_clip: float | None):
-        self.module, self.grad_clip = module, grad_clip
+    def __init__(self, module: torch.nn.Module, lr: float, grad_clip: float | None, accumulation: int):
+        self.module, self.grad_clip, self.accumulation = module, grad_clip, accumulation
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
         self.device = torch.device("cpu")
         self._norm = 0.0
@@ -94,8 +94,8 @@ def make_trainer(model_name: str, mode: str) -> LaserTrainer:
     model_dir = resolve_model_dir(model_name, ".cache")
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     if mode.startswith("bare"):
-        engine = BareEngine(PolicyModel(model, params.train.logits_chunk, params.train.compute_dtype), 1e-6, 1.0)
-        engine.accumulation = params.train.mini_batch_size // params.train.micro_batch_size
+        engine = BareEngine(PolicyModel(model, params.train.logits_chunk, params.train.compute_dtype), 1e-6, 1.0,
+                            accumulation=params.train.mini_batch_size // params.train.micro_batch_size)
     else:
         ds.init_distributed()
         engine = ds.initialize(model, params.train, "float32", world_size=1)
