@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from laser.config import SourceParams, load_params
 from laser.data import generate_synthetic, render_prompt
 from laser.io import atomic_write_json
-from laser.runtime import base_model_dir, load_generator, sampling
+from laser.runtime import base_model_dir, open_generator, sampling
 from laser.verify import summarize, verify_batch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "task_difficulty.json"
@@ -59,18 +59,17 @@ def main() -> None:
     parser.add_argument("--tasks", default=json.dumps(DEFAULT_TASKS))
     args = parser.parse_args()
     params = load_params("params.yaml")
-    tokenizer, _model, generator = load_generator(params, base_model_dir(params))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results.setdefault("machine", f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 threads")
     results.setdefault("model", params.model.name)
-    for name, task in json.loads(args.tasks).items():
-        if name in results.get("tasks", {}):
-            continue  # finished by an earlier (stopped) run
-        results.setdefault("tasks", {})[name] = measure(params, generator, tokenizer, task, args.problems,
-                                                        args.samples)
-        print(name, results["tasks"][name], flush=True)
-        atomic_write_json(RESULTS, results)
-
+    with open_generator(params, base_model_dir(params)) as (tokenizer, generator):
+        for name, task in json.loads(args.tasks).items():
+            if name in results.get("tasks", {}):
+                continue  # finished by an earlier (stopped) run
+            results.setdefault("tasks", {})[name] = measure(params, generator, tokenizer, task, args.problems,
+                                                            args.samples)
+            print(name, results["tasks"][name], flush=True)
+            atomic_write_json(RESULTS, results)
 
 if __name__ == "__main__":
     main()

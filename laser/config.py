@@ -234,14 +234,46 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
+class VLLMParams:
+    """The vLLM engine (``generation.backend: vllm``), run as a worker process from its own environment."""
+
+    python: str = ".venv-vllm/bin/python"  # the vLLM environment's interpreter (bash scripts/setup_vllm.sh)
+    # fp32 on CPU: bf16 moves log pi(z_c | x, y, EOS) by 0.26-0.38 nats there (issue 14); bfloat16 on a GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, else float32
+    gpu_memory_utilization: float = 0.3  # the engine's share of GPU memory: colocated with training in train
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048  # prompt + response + the z_c step
+    enable_prefix_caching: bool = True
+    block_size: int | None = 32  # KV block tokens; null: vLLM's default (128 on CPU: never hits on short prompts)
+    max_num_seqs: int = 64  # sequences decoded together
+    cpu_kvcache_space_gb: int = 2  # CPU backend: the KV cache's memory in GiB (VLLM_CPU_KVCACHE_SPACE)
+    weight_sync_dir: str = "/dev/shm"  # train: where the policy's weights are written for the engine to reload
+    start_timeout_s: float = 600.0
+
+    def validate(self, key: str) -> None:
+        _require(0 < self.gpu_memory_utilization <= 1, f"{key}.gpu_memory_utilization",
+                 self.gpu_memory_utilization, "a number in (0, 1]")
+        for name in ("tensor_parallel_size", "max_model_len", "max_num_seqs"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "an int > 0")
+        _require(self.block_size is None or (self.block_size > 0 and self.block_size % 16 == 0),
+                 f"{key}.block_size", self.block_size, "null or a positive multiple of 16")
+        _require(self.cpu_kvcache_space_gb > 0, f"{key}.cpu_kvcache_space_gb", self.cpu_kvcache_space_gb,
+                 "an int > 0 (GiB)")
+        _require(self.start_timeout_s > 0, f"{key}.start_timeout_s", self.start_timeout_s, "a number > 0")
+
+
+@dataclass(frozen=True)
 class GenerationParams:
-    backend: Literal["hf"] = "hf"  # a vLLM backend (GPU) plugs in behind laser.generation.Generator
+    # hf: laser.generation.HFGenerator (in-process); vllm: laser.vllm_backend.VLLMGenerator (a vLLM worker process)
+    backend: Literal["hf", "vllm"] = "hf"
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
     batch_size: int = 16
+    vllm: VLLMParams = field(default_factory=VLLMParams)
 
     def __post_init__(self) -> None:
+        self.vllm.validate("generation.vllm")
         _require(self.temperature >= 0, "generation.temperature", self.temperature, "a number >= 0")
         _require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "a number in (0, 1]")
         _require(self.max_new_tokens > 0, "generation.max_new_tokens", self.max_new_tokens, "an int > 0")

@@ -10,6 +10,7 @@ import math
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -138,3 +139,39 @@ def gathered_for_generation(engine) -> Iterator[torch.nn.Module]:
             yield model
         finally:
             offload.setup_zero_stage3_hooks()
+
+
+def write_policy_weights(engine, directory: str | Path, shard_bytes: int = 256 * 2**20) -> list[Path]:
+    """The policy's weights as HF-named safetensors shards in ``directory`` (what a vLLM engine reloads), each
+    parameter gathered on its own: under ZeRO-3 no rank ever holds more than one parameter plus one shard of
+    ``shard_bytes`` beyond its partition. Every rank must call it (a gather is collective); each writes its own
+    ``directory``. Shards are written by rename; a stale shard of an earlier, larger write is removed."""
+    import deepspeed
+    from safetensors.torch import save_file
+
+    model = getattr(engine.module, "causal_lm", engine.module)
+    zero3 = engine.zero_optimization_stage() == 3
+    if zero3:
+        engine.empty_partition_cache()  # a parameter still in flight from a prefetch cannot be gathered
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        path = directory / f"policy-{len(written) + 1:05d}.safetensors"
+        save_file(shard, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+        written.append(path)
+        shard.clear()
+
+    for name, param in model.named_parameters():  # a tied weight is listed once (vLLM re-ties it)
+        with deepspeed.zero.GatheredParameters([param]) if zero3 else contextlib.nullcontext():
+            shard[name] = param.detach().to("cpu", copy=True).contiguous()
+        if sum(t.numel() * t.element_size() for t in shard.values()) >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    for stale in set(directory.glob("policy-*.safetensors")) - set(written):
+        stale.unlink()
+    return written

@@ -10,9 +10,9 @@ Backends share one interface, ``Generator.generate(prompts, num_samples, samplin
   ``model.generate`` because generate leaves the last sampled token out of the cache and keeps decoding
   finished rows; here finished rows leave the batch (``DynamicCache.batch_select_indices``) and waiting
   samples take their place (continuous batching).
-- a vLLM backend (GPU) is not written yet; it plugs in here with the same ``Completion`` schema, reading z_c from
-  the logprobs of one extra decode step after EOS, and runs from its own environment (vLLM's pins conflict with
-  prefect's: fastapi, transformers).
+- ``laser.vllm_backend.VLLMGenerator``: a vLLM engine in a worker process from its own environment (vLLM's pins
+  conflict with prefect's: fastapi, transformers), z_c forced for one decode step after EOS inside the same
+  request, the same ``Completion`` schema.
 
 Layout: prompts are left-padded; ``position_ids = cumsum(attention_mask) - 1`` so padding never shifts
 positions, which keeps the logits equal to a full forward over the unpadded sequence.
@@ -73,6 +73,13 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
         return torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=g).squeeze(-1)
                           for row, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_seed(sampling: Sampling, seeds: Sequence[int] | None, prompt: int, sample: int) -> int:
+    """The seed of sample ``sample`` of prompt ``prompt``: from (``seeds[prompt]``, sample) when per-prompt seeds
+    are given, else from (``sampling.seed``, prompt, sample). Every backend seeds each sample with it."""
+    base = seeds[prompt] if seeds is not None else sampling.seed * 100_003 + prompt
+    return (base * 1_000_003 + sample) % 2**63
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,9 +169,7 @@ class HFGenerator:
         if not jobs:
             return []
         device = self.model.device
-        rngs = [torch.Generator(device=device).manual_seed(
-            ((seeds[p] if seeds is not None else sampling.seed * 100_003 + p) * 1_000_003 + k) % 2**63)
-            for p, k in jobs]
+        rngs = [torch.Generator(device=device).manual_seed(sample_seed(sampling, seeds, p, k)) for p, k in jobs]
         responses: list[list[int]] = [[] for _ in jobs]
         probes: list[dict[int, float] | None] = [None] * len(jobs)
         probe_ids = list(probe_token_ids)

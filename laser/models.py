@@ -45,7 +45,8 @@ def resolve_model_dir(name: str, cache_dir: str | Path) -> Path:
     if name == SMOLLM2:
         return _cached(models_cache / SMOLLM2, _convert_smollm2_gguf)
     if name == TINY_RANDOM:
-        return _cached(models_cache / TINY_RANDOM, _build_tiny_random)
+        # "-v2": heads of 32 dims (vLLM's CPU attention has no 16); a cache of the old build is not reused
+        return _cached(models_cache / f"{TINY_RANDOM}-v2", _build_tiny_random)
     local = Path(name)
     if local.is_dir():
         if not any(local.glob("*.safetensors")):
@@ -142,14 +143,16 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
-    """A tiny random Llama sized to ``tokenizer``'s vocabulary (float32)."""
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, head_dim: int = 8):
+    """A tiny random Llama sized to ``tokenizer``'s vocabulary (float32), ``hidden_size // head_dim`` query heads
+    and half as many KV heads (grouped-query attention, as SmolLM2)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim,
+        num_key_value_heads=max(1, hidden_size // head_dim // 2), max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
         tie_word_embeddings=True,
     )
@@ -159,7 +162,7 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers
 
 def _build_tiny_random(out_dir: Path) -> None:
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=64)
+    model = build_tiny_model(tokenizer, hidden_size=64, head_dim=32)  # vLLM's CPU attention: head_dim >= 32
     _teach_answer_format(model, tokenizer)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -4,15 +4,17 @@ stage's partial work (checkpoints, finished rollouts) may be resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from laser.config import Params, VerifierParams
 from laser.errors import StageError
-from laser.generation import Generator, HFGenerator, Sampling
+from laser.generation import Generator, HFGenerator, Sampling, default_stop_ids
 from laser.models import load_model, load_tokenizer, resolve_model_dir
 from laser.score import SelfRewardConfig, score_headroom
 from laser.verify import verify_batch
@@ -23,21 +25,65 @@ def base_model_dir(params: Params) -> Path:
 
 
 def make_generator(params: Params, model, tokenizer) -> Generator:
-    """The one place a generator is built, switching on ``generation.backend`` (only ``hf`` so far; a vLLM
-    backend implements the same ``laser.generation.Generator`` protocol and plugs in here)."""
-    if params.generation.backend == "hf":
-        return HFGenerator(model, tokenizer, batch_size=params.generation.batch_size)
-    raise StageError(f"generation.backend {params.generation.backend!r} is not implemented")
+    """The in-process generator over an HF ``model`` (the API's and the HF backend's)."""
+    return HFGenerator(model, tokenizer, batch_size=params.generation.batch_size)
 
 
-def load_generator(params: Params, model_dir: str | Path):
-    """(tokenizer, model, generator) for ``model_dir``."""
+@contextlib.contextmanager
+def open_generator(params: Params, model_dir: str | Path, seed: int = 0) -> Iterator[tuple[object, Generator]]:
+    """The one place a stage's generator is built, switching on ``generation.backend``: (tokenizer, generator)
+    for ``model_dir``. ``hf`` loads the model here; ``vllm`` starts a vLLM worker over the directory (no HF model
+    in this process) and stops it on exit."""
     tokenizer = load_tokenizer(model_dir, params.model.trust_remote_code)
+    if params.generation.backend == "vllm":
+        with vllm_generator(params, model_dir, tokenizer, seed) as generator:
+            yield tokenizer, generator
+        return
     import torch
 
     device = "cuda" if torch.cuda.is_available() else None
     model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code, device)
-    return tokenizer, model, make_generator(params, model, tokenizer)
+    yield tokenizer, make_generator(params, model, tokenizer)
+
+
+def vllm_generator(params: Params, model_dir: str | Path, tokenizer, seed: int = 0):
+    """A :class:`laser.vllm_backend.VLLMGenerator` over ``model_dir`` with ``generation.vllm`` (a context manager:
+    it stops its worker on exit)."""
+    from laser.vllm_backend import VLLMGenerator
+
+    stop_ids = stop_ids_for_dir(model_dir, tokenizer, params.model.trust_remote_code)
+    return VLLMGenerator(model_dir, tokenizer, params.generation.vllm, stop_ids, params.generation.max_new_tokens,
+                         seed)
+
+
+@contextlib.contextmanager
+def open_policy_generator(params: Params, engine, tokenizer, model_dir: str | Path, seed: int = 0, rank: int = 0):
+    """The train stage's generator at the trainer's current weights (laser.policy_generation), switching on
+    ``generation.backend``; a vLLM engine is started over ``model_dir`` (the base model: its weights are replaced
+    before every generation) and stopped on exit."""
+    from laser.policy_generation import InProcessPolicyGenerator, VLLMPolicyGenerator
+
+    if params.generation.backend == "hf":
+        yield InProcessPolicyGenerator(engine, lambda model: make_generator(params, model, tokenizer))
+        return
+    policy = VLLMPolicyGenerator(engine, vllm_generator(params, model_dir, tokenizer, seed),
+                                 params.generation.vllm.weight_sync_dir, rank)
+    try:
+        yield policy
+    finally:
+        policy.close()
+
+
+def stop_ids_for_dir(model_dir: str | Path, tokenizer, trust_remote_code: bool) -> list[int]:
+    """What ends a response for the model in ``model_dir``, without loading it: as
+    :func:`laser.generation.default_stop_ids` (the tokenizer's EOS and the generation config's)."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        config = None
+    return default_stop_ids(types.SimpleNamespace(generation_config=config), tokenizer)
 
 
 def sampling(params: Params, seed: int) -> Sampling:

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from laser import engine as ds
 from laser.advantages import grpo_advantages, integrate_advantages, self_reward_advantages
 from laser.batch import PolicyBatch, collate, policy_forward
 from laser.completions import completion_samples
 from laser.config import Params
 from laser.losses import grpo_policy_loss, self_reward_mse_loss, self_reward_sft_loss
 from laser.metrics import auroc, self_verification
+from laser.policy_generation import InProcessPolicyGenerator
 from laser.runtime import make_generator, sampling, tokenize_prompts, verify_completions
 from laser.schedule import Phase, warmup_phase
 from laser.score import SelfRewardConfig
@@ -69,9 +69,12 @@ def prompt_indices(step: int, prompts_per_step: int, num_problems: int, seed: in
 
 class LaserTrainer:
     def __init__(self, params: Params, engine, tokenizer, problems: list[dict], config: SelfRewardConfig,
-                 rank: int = 0, world_size: int = 1, ref_model=None):
+                 rank: int = 0, world_size: int = 1, ref_model=None, generator=None):
+        """``generator``: the policy's rollouts (laser.runtime.open_policy_generator); default the in-process HF
+        loop over ``engine``."""
         self.params, self.engine, self.tokenizer, self.problems = params, engine, tokenizer, problems
         self.config, self.rank, self.world_size, self.ref_model = config, rank, world_size, ref_model
+        self.generator = generator or InProcessPolicyGenerator(engine, lambda m: make_generator(params, m, tokenizer))
         self.train = params.train
         self.prompt_ids = tokenize_prompts(tokenizer, problems)
 
@@ -84,12 +87,9 @@ class LaserTrainer:
         step_sampling = sampling(self.params, seed=self.train.seed + 7919 * step)
         # one seed per prompt of the step, from its place in the step: the samples do not depend on the world size
         seeds = [step_sampling.seed * 100_003 + j for j in positions]
-        with ds.gathered_for_generation(self.engine) as model:
-            model.eval()
-            generator = make_generator(self.params, model, self.tokenizer)
-            completions = generator.generate([self.prompt_ids[i] for i in mine], self.train.group_size,
-                                             step_sampling, probe_token_ids=self.config.probe_token_ids,
-                                             seeds=seeds)
+        completions = self.generator.generate([self.prompt_ids[i] for i in mine], self.train.group_size,
+                                              step_sampling, probe_token_ids=self.config.probe_token_ids,
+                                              seeds=seeds)
         v = self.params.verifier
         verdicts = verify_completions(completions, [self.problems[mine[c.prompt_index]]["answer"] for c in completions],
                                       v, v.require_single_boxed)
@@ -320,6 +320,7 @@ def run_step(trainer: LaserTrainer, step: int) -> dict:
     record.setdefault("self_reward_mse", None)
     record["tokens_per_s"] = record["num_tokens_generated"] / max(times["gen_seconds"], 1e-9)
     record["world_size"] = trainer.world_size
+    record["weight_sync_seconds"] = trainer.generator.last_sync_seconds  # part of gen_seconds (vLLM backend)
     return record
 
 

@@ -28,7 +28,7 @@ from laser.errors import StageError
 from laser.io import atomic_write_json, atomic_write_text
 from laser.models import reserved_tokens, token_id, z_c_candidates
 from laser.rollouts import read_problems
-from laser.runtime import base_model_dir, load_generator, sampling, tokenize_prompts
+from laser.runtime import base_model_dir, open_generator, sampling, tokenize_prompts
 
 log = logging.getLogger("laser.stages.ref_constant")
 
@@ -97,8 +97,8 @@ def _csv(rows: list[dict]) -> str:
 
 def run(params: Params, _args) -> None:
     problems = read_problems(params.paths.train_data)
-    tokenizer, _model, generator = load_generator(params, base_model_dir(params))
-    summary, plot = ref_constant(params, generator, tokenizer, problems)
+    with open_generator(params, base_model_dir(params), seed=params.ref_constant.seed) as (tokenizer, generator):
+        summary, plot = ref_constant(params, generator, tokenizer, problems)
     atomic_write_text(params.paths.ref_logprobs, _csv(plot))
     atomic_write_json(params.paths.ref_constant, summary)
     steadiest = min(summary["candidates"], key=lambda c: c["std"])

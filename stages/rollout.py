@@ -14,6 +14,7 @@ attempt reuses the sets an earlier one finished. They are removed once the outpu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from laser.runtime import (
     base_model_dir,
     code_digest,
     files_digest,
-    load_generator,
+    open_generator,
     sampling,
     self_reward_config,
     tokenize_prompts,
@@ -76,17 +77,18 @@ def run(params: Params, args) -> None:
     finished = {eval_set: work_file(params, args.model, model_dir, config, eval_set)
                 for eval_set in params.prepare.eval_sets}
     generator = tokenizer = None
-    for eval_set, work in finished.items():
-        if work.exists():
-            log.info(f"{args.model}/{eval_set}: reused, finished by an earlier attempt ({work})")
-            continue
-        if generator is None:  # a retry whose sets are all finished loads no model
-            tokenizer, _model, generator = load_generator(params, model_dir)
-        problems = read_problems(Path(params.paths.eval_data_dir) / f"{eval_set}.parquet")
-        rows, counts = rollout_eval_set(params, generator, tokenizer, config, problems, eval_set)
-        write_rollouts(work, rows)
-        log.info(f"{args.model}/{eval_set}: {len(rows)} samples, accuracy {counts['accuracy']:.3f}, "
-                 f"statuses {({k: v for k, v in counts.items() if k not in ('total', 'accuracy')})}")
+    with contextlib.ExitStack() as stack:
+        for eval_set, work in finished.items():
+            if work.exists():
+                log.info(f"{args.model}/{eval_set}: reused, finished by an earlier attempt ({work})")
+                continue
+            if generator is None:  # a retry whose sets are all finished loads no model
+                tokenizer, generator = stack.enter_context(open_generator(params, model_dir, params.rollout.seed))
+            problems = read_problems(Path(params.paths.eval_data_dir) / f"{eval_set}.parquet")
+            rows, counts = rollout_eval_set(params, generator, tokenizer, config, problems, eval_set)
+            write_rollouts(work, rows)
+            log.info(f"{args.model}/{eval_set}: {len(rows)} samples, accuracy {counts['accuracy']:.3f}, "
+                     f"statuses {({k: v for k, v in counts.items() if k not in ('total', 'accuracy')})}")
     with atomic_path(Path(params.paths.rollouts_dir) / args.model, is_dir=True) as out_dir:
         for eval_set, work in finished.items():
             shutil.copyfile(work, out_dir / f"{eval_set}.parquet")

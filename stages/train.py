@@ -37,7 +37,7 @@ from laser.io import atomic_path, atomic_write_json, atomic_write_text, ensure_w
 from laser.model_card import CONFIG_KEY, export_settings, render_model_card, write_export_files
 from laser.models import load_model, load_tokenizer
 from laser.rollouts import read_problems
-from laser.runtime import base_model_dir, code_digest, self_reward_config
+from laser.runtime import base_model_dir, code_digest, open_policy_generator, self_reward_config
 from laser.score import SelfRewardConfig
 from laser.train_log import TrainLog, render_training_curves
 from laser.trainer import LaserTrainer, append_jsonl, run_step
@@ -190,8 +190,22 @@ def train(params: Params) -> None:
     if rank == 0 and start == 0:
         steps_log.unlink(missing_ok=True)  # a crash before the first checkpoint leaves lines to drop
         Path(paths.train_completions).unlink(missing_ok=True)
-    trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
-                           ref_config, rank, world_size, ref_model)
+    with open_policy_generator(params, engine, tokenizer, model_dir, params.train.seed, rank) as generator:
+        trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
+                               ref_config, rank, world_size, ref_model, generator)
+        train_steps(params, trainer, start, steps_log, ckpt_dir)
+    # only rank 0 writes the step log
+    metrics = {**final_metrics(steps_log), "train_problems": len(trainer.problems)} if rank == 0 else None
+    export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank, params, len(trainer.problems),
+                 metrics)
+    if rank == 0:
+        render_training_curves(read_records(steps_log), paths.train_curves)
+        atomic_write_json(paths.train_metrics, metrics)
+
+
+def train_steps(params: Params, trainer: LaserTrainer, start: int, steps_log: Path, ckpt_dir: Path) -> None:
+    """Steps start+1 .. train.steps: log each, checkpoint every ``train.checkpoint_every``."""
+    paths, engine, rank = params.paths, trainer.engine, trainer.rank
     steps_log.parent.mkdir(parents=True, exist_ok=True)
     train_log = None
     if rank == 0:
@@ -211,14 +225,8 @@ def train(params: Params) -> None:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
             if rank == 0:  # older tags only: other ranks may still be finishing their shards of this one
                 prune_checkpoints(ckpt_dir, params.train.keep_checkpoints)
-    # only rank 0 writes the step log
-    metrics = {**final_metrics(steps_log), "train_problems": len(trainer.problems)} if rank == 0 else None
-    export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank, params, len(trainer.problems),
-                 metrics)
     if rank == 0:
-        render_training_curves(read_records(steps_log), paths.train_curves)
         train_log.close()
-        atomic_write_json(paths.train_metrics, metrics)
 
 
 def _fmt(value) -> str:

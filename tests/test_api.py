@@ -120,7 +120,7 @@ def test_score_equals_the_rollout_stage_score(export_dir, loaded, repo_cache, ti
     give the same score, from token ids, from the response text and from `laser score`."""
     from laser.data import render_prompt
     from laser.rollouts import read_self_reward_config
-    from laser.runtime import load_generator
+    from laser.runtime import open_generator
     from stages.rollout import rollout_eval_set
 
     params = _params(repo_cache)
@@ -130,8 +130,9 @@ def test_score_equals_the_rollout_stage_score(export_dir, loaded, repo_cache, ti
         prompt = render_prompt(text, params.prepare.instruction, params.prepare.few_shot, tiny_tokenizer,
                                params.prepare.prompt_format)[1]  # as the prepare stage renders it
         problems.append({"id": f"p{i}", "problem": text, "answer": str(a + b), "prompt": prompt})
-    tokenizer, _model, generator = load_generator(params, export_dir)
-    rows, _counts = rollout_eval_set(params, generator, tokenizer, read_self_reward_config(export_dir), problems, "t")
+    with open_generator(params, export_dir) as (tokenizer, generator):
+        rows, _counts = rollout_eval_set(params, generator, tokenizer, read_self_reward_config(export_dir), problems,
+                                         "t")
     scored = [r for r in rows if r["score"] is not None]
     assert len(scored) >= 4
     by_id = {p["id"]: p for p in problems}
