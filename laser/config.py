@@ -391,8 +391,13 @@ class EvaluateParams:
     subset_seeds: int = 8  # random subsets of the K samples averaged per k in the scaling curves
     threshold: float = 0.5
     ece_bins: int = 10
+    bootstrap_resamples: int = 1000  # the headline's 95% intervals: problems resampled with replacement
+    collapse_auroc: float = 0.55  # at or below it the report says self-verification collapsed
 
     def __post_init__(self) -> None:
+        _require(self.bootstrap_resamples > 0, "evaluate.bootstrap_resamples", self.bootstrap_resamples,
+                 "an int > 0")
+        _require(0 <= self.collapse_auroc <= 1, "evaluate.collapse_auroc", self.collapse_auroc, "a number in [0, 1]")
         _require(self.subset_seeds > 0, "evaluate.subset_seeds", self.subset_seeds, "an int > 0")
         _require(0 < self.threshold < 1, "evaluate.threshold", self.threshold, "a number in (0, 1)")
         _require(self.ece_bins > 0, "evaluate.ece_bins", self.ece_bins, "an int > 0")

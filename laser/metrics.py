@@ -383,3 +383,39 @@ def self_verification_report(scores: Any, correct: Any, threshold: float = 0.5,
     }
     report["undefined"] = {key: why for key, why in reasons.items() if report[key] is None}
     return report
+
+
+def bootstrap_ci(statistic, num_groups: int, num_resamples: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of ``statistic(indices)`` over groups (problems) drawn with replacement:
+    the samples of a problem are not independent, so problems, not samples, are resampled. ``statistic``
+    takes an int array of group indices (with repeats) and returns a float or None (undefined on that draw:
+    left out). Returns [low, high], or None when no draw is defined or there are no groups."""
+    if num_groups == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [statistic(rng.integers(0, num_groups, num_groups)) for _ in range(num_resamples)]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    low, high = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(low), float(high)]
+
+
+def self_verification_collapse(scores: Any, correct: Any, threshold: float = 0.5,
+                               auroc_floor: float = 0.55) -> str | None:
+    """Why self-verification says nothing, or None: every clipped score on one side of ``threshold`` (it calls
+    everything correct, or everything incorrect), or AUROC <= ``auroc_floor`` (its ranking is near chance or
+    inverted). Raw scores (N,) (missing: NaN, read as 0 as in :func:`self_verification_report`); correct (N,)."""
+    raw = to_numpy(scores, float).ravel()
+    if raw.size == 0:
+        return None
+    above = clip_scores(raw) > threshold
+    if above.all() or not above.any():
+        side = "above" if above.all() else "at or below"
+        return f"every score is {side} the threshold {threshold:g}: it calls every sample " + \
+            ("correct" if above.all() else "incorrect")
+    value = auroc(np.where(np.isnan(raw), -np.inf, raw), correct)
+    if value is not None and value <= auroc_floor:
+        return f"AUROC {value:.3f} <= {auroc_floor:g}: the score does not rank correct above incorrect answers"
+    return None

@@ -215,10 +215,18 @@ def _blocks(m: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
             yield model, name, block
 
 
-def _intro(s: dict[str, Any]) -> list[str]:
+def _intro(s: dict[str, Any], run: dict[str, Any] | None = None) -> list[str]:
+    header = []
+    if run:
+        variant = "LaSeR" if run["self_reward"] else "GRPO-only (self_reward.enabled: false)"
+        header = [f"Model `{run['model']}`, {variant}, {run['train_steps']} training steps; seeds train "
+                  f"{run['seeds']['train']}, rollout {run['seeds']['rollout']}; git revision "
+                  f"`{run['git_revision'] or 'unknown (not a git checkout)'}`; params digest `{run['params_digest']}`.",
+                  ""]
     return [
         "# LaSeR evaluation",
         "",
+        *header,
         f"Self-verification threshold {s['threshold']:g} on the clipped score; ECE with {s['ece_bins']} bins; "
         f"scaling curves averaged over {s['subset_seeds']} random subsets per k. '—' = undefined (the reason is "
         "under `undefined` in metrics.json).",
@@ -247,6 +255,23 @@ def _headline_section(m: dict[str, Any]) -> list[str]:
         lines += ["", "## base vs trained", ""]
         lines += _table(["eval set", "metric", "base", "trained", "Δ (trained − base)"], rows)
     return lines
+
+
+def _intervals_section(m: dict[str, Any]) -> list[str]:
+    """The headline metrics' 95% bootstrap intervals over problems, and any collapsed self-verification."""
+    def span(ci):
+        return "—" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    rows = [[model_label(model), name, span(b["ci95"]["avg@K"]), span(b["ci95"]["sv_f1"]),
+             span(b["ci95"]["sv_auroc"]), b.get("sv_collapse") or "no"]
+            for model, name, b in _blocks(m) if "ci95" in b]
+    if not rows:
+        return []
+    return ["", "## 95% intervals (bootstrap over problems) and collapse", "",
+            "Problems are resampled with replacement (their samples together); self-verification is flagged as "
+            "collapsed when every score falls on one side of the threshold or its AUROC is at or below "
+            "`evaluate.collapse_auroc`.", "",
+            *_table(["model", "eval set", "avg@K", "paper-F1", "AUROC", "collapsed"], rows)]
 
 
 def _scaling_section(plots: dict[str, list[dict[str, Any]]], link: str) -> list[str]:
@@ -301,7 +326,8 @@ def render_report(result: EvalResult, plots_link: str, train_curves_link: str | 
     ``train_curves_link`` the training-curve PNG (relative too; None: no training section)."""
     m = result.metrics
     link = plots_link.rstrip("/")
-    lines = [*_intro(m["settings"]), *_headline_section(m), *_scaling_section(result.plots, link),
+    lines = [*_intro(m["settings"], m.get("run")), *_headline_section(m), *_intervals_section(m),
+             *_scaling_section(result.plots, link),
              *_self_verification_section(m, link), *_training_section(train_curves_link), *_counts_section(m)]
     if result.notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in result.notes)]

@@ -66,6 +66,7 @@ class VLLMWorker:
         env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), VLLM_CPU_KVCACHE_SPACE=str(
             self.settings.cpu_kvcache_space_gb), VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
             VLLM_ENABLE_V1_MULTIPROCESSING="0")  # the engine in the worker process itself: one process less
+        env.update(colocated_device(self.settings.tensor_parallel_size))
         self.process = subprocess.Popen([str(self.python), "-m", "laser.vllm_worker"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)
         return self.call("start", timeout_s=self.settings.start_timeout_s, engine=engine)["vllm"]
@@ -110,6 +111,19 @@ class VLLMWorker:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+def colocated_device(tensor_parallel_size: int) -> dict[str, str]:
+    """Under a multi-GPU launcher (``LOCAL_RANK`` set) each training rank's engine takes its rank's GPU: the
+    ``CUDA_VISIBLE_DEVICES`` entry at ``LOCAL_RANK``. With tensor parallelism > 1 the engine sees every GPU."""
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or tensor_parallel_size > 1 or not torch.cuda.is_available():
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"CUDA_VISIBLE_DEVICES": devices[int(local_rank) % len(devices)]}
 
 
 class VLLMGenerator:

@@ -105,7 +105,11 @@ def _block(d: SampleTable, params: EvaluateParams) -> tuple[dict[str, Any], dict
         "avg@K": float(flat["correct"].mean()) if num_samples else None,
         **{f"{curve}@k": curves[curve] for curve in ("pass", "maj", "weighted_maj", "best_of")},
         "self_verification": {"all": sv_all, "answered": sv_answered},
+        # why the "all" view says nothing (None: it does not collapse)
+        "sv_collapse": M.self_verification_collapse(all_scores[judged], flat["correct"][judged], params.threshold,
+                                                    params.collapse_auroc),
         "spearman_score_length": _spearman(flat),
+        "ci95": intervals(d, params),
     }
     if not num_samples:
         block["undefined"] = {"avg@K": "no samples"}
@@ -116,6 +120,30 @@ def _block(d: SampleTable, params: EvaluateParams) -> tuple[dict[str, Any], dict
         "correct": flat["correct"][judged],
     }
     return block, extras
+
+
+def intervals(d: SampleTable, params: EvaluateParams) -> dict[str, list[float] | None]:
+    """95% bootstrap intervals over problems of accuracy (avg@K), paper-F1 and AUROC (the "all" view: a missing
+    answer or score reads as score 0; unjudged samples left out, as in the headline)."""
+    score = np.where(d.cluster >= 0, d.score, np.nan)
+    labelled = d.valid & d.judged
+
+    def accuracy(idx):
+        valid = d.valid[idx]
+        return float(d.correct[idx][valid].mean()) if valid.any() else None
+
+    def sv_f1(idx):
+        keep = labelled[idx]
+        return M.self_verification(score[idx][keep], d.correct[idx][keep], params.threshold)["f1"]
+
+    def sv_auroc(idx):
+        keep = labelled[idx]
+        raw = score[idx][keep]
+        return M.auroc(np.where(np.isnan(raw), -np.inf, raw), d.correct[idx][keep])
+
+    n = len(d.problem_ids)
+    return {name: M.bootstrap_ci(fn, n, params.bootstrap_resamples, seed=SCALING_SEED)
+            for name, fn in (("avg@K", accuracy), ("sv_f1", sv_f1), ("sv_auroc", sv_auroc))}
 
 
 def headline(block: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +231,10 @@ def _model_notes(model: str, mm: dict[str, Any]) -> list[str]:
                          "self-verification")
         if c["no_reward"]:
             notes.append(f"{model}/{name}: {c['no_reward']} samples without a reward (counted as incorrect)")
+        collapse = b["sv_collapse"]
+        if collapse:
+            who = "the untrained base score" if model == "base" else "self-verification"
+            notes.append(f"{model}/{name}: {who} collapsed: {collapse}")
         if name != "overall" and b["samples_per_problem"]["min"] != b["samples_per_problem"]["max"]:
             notes.append(f"{model}/{name}: problems have {b['samples_per_problem']['min']}–"
                          f"{b['samples_per_problem']['max']} samples; scaling curves stop at the smallest")
@@ -251,13 +283,17 @@ def evaluate(rollouts: dict[str, dict[str, Any]], params: EvaluateParams,
           finish_reason {...}, verify_status {...}}, avg@K, pass@k / maj@k / weighted_maj@k / best_of@k
           {"1": acc, "2": acc, ...}, self_verification.{all, answered}: {n, n_correct, n_incorrect,
           n_predicted_correct, acc_correct, acc_incorrect, f1, precision, recall, f1_standard, auroc, ece,
-          undefined {metric: reason}}, spearman_score_length {rho, n[, undefined]}
+          undefined {metric: reason}}, sv_collapse (why "all" self-verification says nothing, or null),
+          spearman_score_length {rho, n[, undefined]}, ci95 {avg@K, sv_f1, sv_auroc}: [low, high] (bootstrap over
+          problems)
         models.<model>.headline.<eval_set | overall | macro>: {K, avg@K, pass@K, maj@K, weighted_maj@K,
           best_of@K, sv_acc_correct, sv_acc_incorrect, sv_f1, sv_auroc, sv_ece, spearman_score_length};
           ``macro`` (the headline, the paper's "Avg") is the mean over eval sets, ``overall`` pools their samples
         comparison (only with both base and trained): <eval_set | overall | macro>.<headline key>:
           {base, trained, delta}
         headline_view: "macro"
+        run (the stage adds it): {model, train_steps, self_reward, seeds {train, rollout}, git_revision,
+          params_digest}
         equivalence: {pairs_checked, pairs_unjudged {timeout, error, too_long} (the stage adds it)}
 
     Conventions: k runs over 1, 2, 4, … up to the smallest sample count of a problem (plus that count when it is
@@ -319,6 +355,7 @@ def run(params: Params, _args: Any = None) -> None:
     if sum(unjudged.values()):
         result.notes.append(f"answer equivalence: {sum(unjudged.values())} pair(s) could not be judged "
                             f"({dict(unjudged)}) and count as different answers in voting")
+    result.metrics["run"] = run_header(params)
     result.appendix = completions_markdown(params.paths.train_completions)  # "" when train kept none
     write_outputs(result, params.paths, params.evaluate.threshold)
     for model, mm in result.metrics["models"].items():
@@ -327,6 +364,26 @@ def run(params: Params, _args: Any = None) -> None:
         log.warning("%s", note)
     log.info("wrote %s, %s, %s/, %s/, %s", params.paths.eval_summary, params.paths.eval_metrics,
              params.paths.eval_plots, params.paths.eval_figures, params.paths.eval_report)
+
+
+def run_header(params: Params) -> dict[str, Any]:
+    """What the report's header names: model, steps, seeds, the git revision evaluated and a params digest."""
+    import dataclasses
+    import hashlib
+    import json
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        out = subprocess.run(["git", *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    revision = git("rev-parse", "--short=12", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if revision else False
+    relevant = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("paths", "flow")}
+    return {"model": params.model.name, "train_steps": params.train.steps, "self_reward": params.self_reward.enabled,
+            "seeds": {"train": params.train.seed, "rollout": params.rollout.seed},
+            "git_revision": None if revision is None else revision + (" + uncommitted changes" if dirty else ""),
+            "params_digest": hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -264,7 +264,9 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     E.main([])
 
     metrics = json.loads(Path("out/eval/metrics.json").read_text())
-    assert set(metrics) == {"settings", "headline_view", "models", "equivalence", "comparison"}
+    assert set(metrics) == {"settings", "headline_view", "models", "equivalence", "comparison", "run"}
+    assert metrics["run"]["model"] == "smollm2-135m-instruct" and len(metrics["run"]["params_digest"]) == 12
+    assert metrics["run"]["git_revision"] is None  # tmp_path is not a git checkout: said so, not invented
     assert metrics["settings"]["ece_bins"] == 5
     assert metrics["equivalence"]["pairs_unjudged"] == {"timeout": 0, "error": 0, "too_long": 0}
     assert set(metrics["models"]) == {"base", "trained"}
@@ -295,7 +297,26 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     assert set(summary["trained"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece"}
     assert "## Training" not in report  # no training curves in this directory: no section pointing at nothing
     assert "## base vs trained" in report
+    assert "params digest `" + metrics["run"]["params_digest"] in report and "unknown (not a git checkout)" in report
+    assert "## 95% intervals (bootstrap over problems) and collapse" in report
+    for block in (trained["overall"], trained["eval_sets"]["setA"]):
+        low, high = block["ci95"]["avg@K"]
+        assert low <= block["avg@K"] <= high
     assert not list(Path("out/eval").glob(".*tmp*"))  # no temp files left behind
+
+
+def test_a_collapsed_self_verification_is_named_in_the_notes():
+    """Every trained score above the threshold: the report says it calls everything correct."""
+    everything_yes = {f"p{i}": [("7", 1, 0.9), ("3", 0, 0.8), ("7", 1, 0.95), ("4", 0, 0.7)] for i in range(6)}
+    separating = {f"p{i}": [("7", 1, 0.9), ("3", 0, 0.1), ("7", 1, 0.8), ("4", 0, 0.2)] for i in range(6)}
+    for problems, collapsed in ((everything_yes, True), (separating, False)):
+        result = E.evaluate({"trained": {"s": rollout_table(problems)}}, EvaluateParams(bootstrap_resamples=50),
+                            equivalent=no_math_verify)
+        reason = result.metrics["models"]["trained"]["overall"]["sv_collapse"]
+        assert (reason is not None) == collapsed
+        if collapsed:
+            assert "calls every sample correct" in reason
+            assert any("trained/overall: self-verification collapsed" in n for n in result.notes)
 
 
 def test_report_ends_with_the_last_train_steps_completions(tmp_path):

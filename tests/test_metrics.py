@@ -342,3 +342,27 @@ def test_voting_edge_cases():
     assert M.picked_correct([[True, True]], [-1]).tolist() == [False]  # no answer, no pick
     out = M.scaling_curves([[-1, -1]], [[False, False]], [[0.9, 0.9]], [1, 2], num_seeds=2)
     assert out["maj"] == {1: 0.0, 2: 0.0} and out["pass"] == {1: 0.0, 2: 0.0}
+
+
+def test_bootstrap_interval_covers_the_estimate_and_narrows_with_more_problems():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (20, 400):
+        values = rng.random(n) < 0.4
+
+        def mean(idx, values=values):
+            return float(values[idx].mean())
+
+        low, high = M.bootstrap_ci(mean, n, num_resamples=400, seed=1)
+        assert low <= values.mean() <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # ~ 1/sqrt(n): 20x the problems, ~4.5x narrower
+    assert M.bootstrap_ci(lambda idx: None, 5) is None and M.bootstrap_ci(lambda idx: 1.0, 0) is None
+
+
+def test_self_verification_collapse_names_why():
+    correct = np.array([1, 0, 1, 0, 1, 0], bool)
+    assert "correct" in M.self_verification_collapse([0.9, 0.8, 0.7, 0.6, 0.9, 0.95], correct)
+    assert "incorrect" in M.self_verification_collapse([0.1, 0.2, np.nan, 0.0, 0.3, 0.4], correct)
+    assert "AUROC" in M.self_verification_collapse([0.2, 0.9, 0.3, 0.8, 0.1, 0.7], correct)  # inverted
+    assert M.self_verification_collapse([0.9, 0.1, 0.8, 0.2, 0.7, 0.3], correct) is None
