@@ -36,7 +36,8 @@ from laser.config import Params, build
 from laser.generation import HFGenerator, Sampling, full_forward_probe_logprobs
 from laser.io import atomic_write_json
 from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
-from laser.runtime import open_policy_generator, stop_ids_for_dir
+from laser.policy_generation import open_policy_generator
+from laser.runtime import stop_ids_for_dir
 from laser.vllm_backend import VLLMGenerator
 
 RESULTS = Path("bench/results/vllm.json")

@@ -1,7 +1,7 @@
 """Rollouts from the policy being trained: the train stage's generator, always at the trainer's current weights.
 
 Two implementations behind one ``generate`` (the :class:`laser.generation.Generator` call), built by
-:func:`laser.runtime.open_policy_generator`:
+:func:`open_policy_generator`:
 
 - :class:`InProcessPolicyGenerator` (``generation.backend: hf``): the HF decode loop over the DeepSpeed module
   itself, ZeRO-3 parameters gathered for the duration (laser.engine.gathered_for_generation).
@@ -16,6 +16,7 @@ Two implementations behind one ``generate`` (the :class:`laser.generation.Genera
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import time
@@ -23,7 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from laser import engine as ds
+from laser.config import Params
 from laser.generation import Completion, Sampling
+from laser.runtime import make_generator, vllm_generator
 
 
 class InProcessPolicyGenerator:
@@ -66,3 +69,19 @@ class VLLMPolicyGenerator:
     def close(self) -> None:
         self.vllm.close()
         shutil.rmtree(self.sync_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def open_policy_generator(params: Params, engine, tokenizer, model_dir: str | Path, seed: int = 0, rank: int = 0):
+    """The train stage's generator at the trainer's current weights (laser.policy_generation), switching on
+    ``generation.backend``; a vLLM engine is started over ``model_dir`` (the base model: its weights are replaced
+    before every generation) and stopped on exit."""
+    if params.generation.backend == "hf":
+        yield InProcessPolicyGenerator(engine, lambda model: make_generator(params, model, tokenizer))
+        return
+    policy = VLLMPolicyGenerator(engine, vllm_generator(params, model_dir, tokenizer, seed),
+                                 params.generation.vllm.weight_sync_dir, rank)
+    try:
+        yield policy
+    finally:
+        policy.close()

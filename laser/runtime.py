@@ -56,24 +56,6 @@ def vllm_generator(params: Params, model_dir: str | Path, tokenizer, seed: int =
                          seed)
 
 
-@contextlib.contextmanager
-def open_policy_generator(params: Params, engine, tokenizer, model_dir: str | Path, seed: int = 0, rank: int = 0):
-    """The train stage's generator at the trainer's current weights (laser.policy_generation), switching on
-    ``generation.backend``; a vLLM engine is started over ``model_dir`` (the base model: its weights are replaced
-    before every generation) and stopped on exit."""
-    from laser.policy_generation import InProcessPolicyGenerator, VLLMPolicyGenerator
-
-    if params.generation.backend == "hf":
-        yield InProcessPolicyGenerator(engine, lambda model: make_generator(params, model, tokenizer))
-        return
-    policy = VLLMPolicyGenerator(engine, vllm_generator(params, model_dir, tokenizer, seed),
-                                 params.generation.vllm.weight_sync_dir, rank)
-    try:
-        yield policy
-    finally:
-        policy.close()
-
-
 def stop_ids_for_dir(model_dir: str | Path, tokenizer, trust_remote_code: bool) -> list[int]:
     """What ends a response for the model in ``model_dir``, without loading it: as
     :func:`laser.generation.default_stop_ids` (the tokenizer's EOS and the generation config's)."""

@@ -70,8 +70,8 @@ def prompt_indices(step: int, prompts_per_step: int, num_problems: int, seed: in
 class LaserTrainer:
     def __init__(self, params: Params, engine, tokenizer, problems: list[dict], config: SelfRewardConfig,
                  rank: int = 0, world_size: int = 1, ref_model=None, generator=None):
-        """``generator``: the policy's rollouts (laser.runtime.open_policy_generator); default the in-process HF
-        loop over ``engine``."""
+        """``generator``: the policy's rollouts (laser.policy_generation.open_policy_generator); default the HF
+        loop in-process over ``engine``."""
         self.params, self.engine, self.tokenizer, self.problems = params, engine, tokenizer, problems
         self.config, self.rank, self.world_size, self.ref_model = config, rank, world_size, ref_model
         self.generator = generator or InProcessPolicyGenerator(engine, lambda m: make_generator(params, m, tokenizer))

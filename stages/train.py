@@ -36,8 +36,9 @@ from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable
 from laser.model_card import CONFIG_KEY, export_settings, render_model_card, write_export_files
 from laser.models import load_model, load_tokenizer
+from laser.policy_generation import open_policy_generator
 from laser.rollouts import read_problems
-from laser.runtime import base_model_dir, code_digest, open_policy_generator, self_reward_config
+from laser.runtime import base_model_dir, code_digest, self_reward_config
 from laser.score import SelfRewardConfig
 from laser.train_log import TrainLog, render_training_curves
 from laser.trainer import LaserTrainer, append_jsonl, run_step

@@ -138,7 +138,7 @@ def test_after_a_sync_the_engine_scores_with_the_trainers_current_weights(tiny_m
     """A real ZeRO-3 engine takes an optimizer step; the colocated vLLM engine, synced, gives the new weights'
     log-probs (equal to the trainer's full forward), not the previous step's (``hf_model``: the initial weights)."""
     from laser import engine as ds
-    from laser.runtime import open_policy_generator
+    from laser.policy_generation import open_policy_generator
 
     ds.init_distributed()
     train = TrainParams(mini_batch_size=4, micro_batch_size=4, lr=1e-2)
