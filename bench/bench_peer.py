@@ -1,15 +1,16 @@
 """A full training step (generation + update) against the peer users would pick instead: TRL's GRPOTrainer.
 
     pip install -e .[bench]        # trl, bench-only
-    python bench/bench_peer.py [--steps 3] [--only ours|trl]
+    python bench/bench_peer.py [--steps 3] [--sides ours_fp32,ours_bf16,ours_vllm_bf16,trl_fp32,trl_bf16]
 
 Same workload on both sides: SmolLM2-135M-Instruct, 4 prompts × 4 completions per step, at most 48 new tokens,
 temperature 1, lr 1e-5, no KL term, CPU, the pipeline's own prompts (chat template, instruction, few-shot turns)
 on the default synthetic task. TRL: ``GRPOTrainer`` (plain PyTorch, HF ``generate``, no DeepSpeed), reward =
 the last ``\\boxed{}`` equal to the gold answer; step time from a callback around each optimizer step. Ours: the
 train stage's ``run_step`` (ZeRO-3 engine, continuous-batching HF rollouts with z_c scored in-pass, math-verify
-pool, the LaSeR loss) at fp32 and bf16 compute. Each side and precision runs in its own process, one warm-up
-step, then ``--steps`` timed. Writes bench/results/peer_step.json.
+pool, the LaSeR loss) at fp32 and bf16 compute, and with vLLM rollouts (``ours_vllm_bf16``: the colocated
+engine, weights pushed every step; its start-up is outside the timed steps, as in the train stage). Each side and
+precision runs in its own process, one warm-up step, then ``--steps`` timed. Writes bench/results/peer_step.json.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from laser.config import Params, build  # noqa: E402
 from laser.io import atomic_write_json  # noqa: E402
 
 PROMPTS, GROUP, MAX_NEW, LR = 4, 4, 48, 1e-5
-SIDES = ("ours_fp32", "ours_bf16", "trl_fp32", "trl_bf16")
+SIDES = ("ours_fp32", "ours_bf16", "ours_vllm_bf16", "trl_fp32", "trl_bf16")
 
 
 def workload(params: Params, tokenizer, steps: int) -> list[dict]:
@@ -50,28 +51,32 @@ def workload(params: Params, tokenizer, steps: int) -> list[dict]:
     return problems
 
 
-def ours(bf16: bool, steps: int) -> list[float]:
+def ours(bf16: bool, steps: int, backend: str = "hf") -> list[float]:
     from laser import engine as ds
     from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
+    from laser.policy_generation import open_policy_generator
     from laser.score import SelfRewardConfig
     from laser.trainer import LaserTrainer, run_step
 
     params = build(Params, {"train": {"steps": steps + 1, "prompts_per_step": PROMPTS, "group_size": GROUP,
                                       "mini_batch_size": PROMPTS * GROUP, "lr": LR, "kl_coef": 0.0,
                                       "compute_dtype": "bfloat16" if bf16 else "float32"},
-                            "generation": {"max_new_tokens": MAX_NEW}})
+                            "generation": {"max_new_tokens": MAX_NEW, "backend": backend}})
     model_dir = resolve_model_dir(params.model.name, ".cache")
     tokenizer = load_tokenizer(model_dir)
     ds.init_distributed()
     engine = ds.initialize(load_model(model_dir), params.train, "float32", world_size=1)
     z_c = z_c_candidates(tokenizer)[0]  # an unused special token (which one does not change the cost)
     config = SelfRewardConfig(z_c, token_id(tokenizer, z_c), c_ref=-26.6, beta_v=0.1)
-    trainer = LaserTrainer(params, engine, tokenizer, workload(params, tokenizer, steps), config)
     seconds = []
-    for step in range(1, steps + 2):
-        start = time.perf_counter()
-        run_step(trainer, step)
-        seconds.append(time.perf_counter() - start)
+    # the vLLM engine starts before the first step (the train stage starts it once): not part of a step
+    with open_policy_generator(params, engine, tokenizer, model_dir) as generator:
+        trainer = LaserTrainer(params, engine, tokenizer, workload(params, tokenizer, steps), config,
+                               generator=generator)
+        for step in range(1, steps + 2):
+            start = time.perf_counter()
+            run_step(trainer, step)
+            seconds.append(time.perf_counter() - start)
     return seconds[1:]
 
 
@@ -116,8 +121,9 @@ def trl(bf16: bool, steps: int) -> list[float]:
 
 
 def child(side: str, steps: int) -> dict:
-    run = ours if side.startswith("ours") else trl
-    seconds = run(side.endswith("bf16"), steps)
+    bf16 = side.endswith("bf16")
+    seconds = (ours(bf16, steps, "vllm" if "vllm" in side else "hf") if side.startswith("ours")
+               else trl(bf16, steps))
     return {"seconds": seconds, "median_seconds": statistics.median(seconds),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -152,8 +158,10 @@ def main() -> None:
                           f"tokens, lr {LR}, no KL, CPU", "sides": sides,
               "ratios": {"ours_bf16_over_trl_fp32": ratio("ours_bf16", "trl_fp32"),
                          "ours_bf16_over_trl_bf16": ratio("ours_bf16", "trl_bf16"),
-                         "ours_fp32_over_trl_fp32": ratio("ours_fp32", "trl_fp32")},
-              "goal_ours_over_trl_hf_backend": 0.6,
+                         "ours_fp32_over_trl_fp32": ratio("ours_fp32", "trl_fp32"),
+                         "ours_vllm_bf16_over_trl_bf16": ratio("ours_vllm_bf16", "trl_bf16"),
+                         "ours_vllm_bf16_over_trl_fp32": ratio("ours_vllm_bf16", "trl_fp32")},
+              "goal_ours_over_trl_hf_backend": 0.6, "goal_ours_over_trl_vllm_backend": 0.3,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                          f"torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d")}
