@@ -244,7 +244,8 @@ def test_named_z_c_without_room_for_a_score_of_1_is_an_error_naming_the_fix():
 @pytest.mark.parametrize("temperature,chunk", [(1.0, 1024), (0.7, 1024), (1.0, 3), (0.7, 5)])
 def test_lean_head_equals_the_full_logits_forward_in_values_and_gradients(tiny_model_dir, temperature, chunk):
     """The LM head on response positions and the slot only (chunked, recomputed in backward when chunked) gives
-    the full-logits forward's log-probs, z_c and z_i log-probs and parameter gradients, to 1e-5."""
+    the full-logits forward's log-probs, z_c and z_i log-probs (to 1e-5) and parameter gradients (to 1e-5 of each
+    gradient's largest entry)."""
     from laser.batch import PolicyModel, full_logits_forward
 
     tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
@@ -268,4 +269,6 @@ def test_lean_head_equals_the_full_logits_forward_in_values_and_gradients(tiny_m
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert set(lean[3]) == set(full[3])
     for name in full[3]:
-        assert torch.allclose(lean[3][name], full[3][name], atol=1e-5), name
+        # relative to the gradient's scale (up to ~130 on the embeddings): float32 summation order, not maths
+        scale = max(1.0, float(full[3][name].abs().max()))
+        assert float((lean[3][name] - full[3][name]).abs().max()) <= 1e-5 * scale, name
