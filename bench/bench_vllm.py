@@ -55,8 +55,7 @@ def rollout_ways(params: Params, model_dir: Path, tokenizer, prompts, args) -> t
     model = load_model(model_dir, "float32").eval()
     hf = HFGenerator(model, tokenizer, batch_size=params.generation.batch_size)
     settings = params.generation.vllm
-    vllm = VLLMGenerator(model_dir, tokenizer, settings, stop_ids_for_dir(model_dir, tokenizer, False),
-                         args.max_new_tokens)
+    vllm = VLLMGenerator(model_dir, tokenizer, settings, stop_ids_for_dir(model_dir, tokenizer, False))
     ways = {"hf_plain": (hf, ()), "hf_z_c": (hf, z_c), "vllm_plain": (vllm, ()), "vllm_z_c": (vllm, z_c)}
     timed(vllm, prompts[:4], 1, sampling, z_c)  # warm-up: the engine's first batch pays one-off costs
     seconds: dict[str, list[float]] = {w: [] for w in ways}

@@ -52,8 +52,7 @@ def vllm_generator(params: Params, model_dir: str | Path, tokenizer, seed: int =
     from laser.vllm_backend import VLLMGenerator
 
     stop_ids = stop_ids_for_dir(model_dir, tokenizer, params.model.trust_remote_code)
-    return VLLMGenerator(model_dir, tokenizer, params.generation.vllm, stop_ids, params.generation.max_new_tokens,
-                         seed)
+    return VLLMGenerator(model_dir, tokenizer, params.generation.vllm, stop_ids, seed)
 
 
 def stop_ids_for_dir(model_dir: str | Path, tokenizer, trust_remote_code: bool) -> list[int]:

@@ -30,7 +30,7 @@ SETUP_COMMAND = "bash scripts/setup_vllm.sh"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def engine_kwargs(settings: VLLMParams, model_dir: str | Path, max_new_tokens: int, seed: int) -> dict:
+def engine_kwargs(settings: VLLMParams, model_dir: str | Path, seed: int) -> dict:
     """``vllm.LLM`` keyword arguments from ``generation.vllm``."""
     import torch
 
@@ -131,10 +131,10 @@ class VLLMGenerator:
     the engine's weights (the train stage pushes the policy's each step) and resets its prefix cache."""
 
     def __init__(self, model_dir: str | Path, tokenizer, settings: VLLMParams, stop_token_ids: Sequence[int],
-                 max_new_tokens: int, seed: int = 0):
+                 seed: int = 0):
         self.tokenizer, self.stop_token_ids = tokenizer, sorted(set(stop_token_ids))
         self.worker = VLLMWorker(settings)
-        self.version = self.worker.start(engine_kwargs(settings, model_dir, max_new_tokens, seed))
+        self.version = self.worker.start(engine_kwargs(settings, model_dir, seed))
 
     def generate(self, prompts: Sequence[Sequence[int]], num_samples: int, sampling: Sampling,
                  probe_token_ids: Sequence[int] = (), progress: bool = False,

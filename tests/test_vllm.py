@@ -56,8 +56,8 @@ def vllm(tiny_model_dir, tokenizer):
     from laser.runtime import stop_ids_for_dir
     from laser.vllm_backend import VLLMGenerator
 
-    with VLLMGenerator(tiny_model_dir, tokenizer, SETTINGS, stop_ids_for_dir(tiny_model_dir, tokenizer, False),
-                       max_new_tokens=48) as generator:
+    with VLLMGenerator(tiny_model_dir, tokenizer, SETTINGS,
+                       stop_ids_for_dir(tiny_model_dir, tokenizer, False)) as generator:
         yield generator
 
 
