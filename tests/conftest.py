@@ -32,6 +32,19 @@ def tiny_tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def require_vllm_env() -> Path:
+    """The vLLM environment's python; skips when it is not set up, except under the test command
+    (LASER_REQUIRE_VLLM=1, set by scripts/test.sh after it sets the environment up), where that is a failure."""
+    if not VLLM_PYTHON.exists():
+        if os.environ.get("LASER_REQUIRE_VLLM") == "1":
+            raise RuntimeError(f"{VLLM_PYTHON} is missing: run `bash scripts/setup_vllm.sh`")
+        pytest.skip("the vLLM environment is not set up (bash scripts/setup_vllm.sh)", allow_module_level=True)
+    return VLLM_PYTHON
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = (ROOT / ".." / "shared" / "data").resolve()

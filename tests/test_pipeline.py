@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_smoke_repo
+from conftest import copy_smoke_repo, require_vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -132,3 +132,20 @@ def test_dvc_push_then_a_fresh_clone_pulls_everything_and_nothing_reruns(smoke_r
     assert json.loads(status) == {}, status
     again = _run(["dvc", "repro"], clone).stdout
     assert "Running stage" not in again, again
+
+
+def test_the_flow_runs_unchanged_with_the_vllm_backend(tmp_path_factory, tiny_model_dir):
+    """generation.backend: vllm in params is all it takes: the same flow over the same dvc.yaml; ref_constant,
+    train (a colocated engine, weights pushed every step) and both rollouts run through the vLLM worker."""
+    repo = copy_smoke_repo(tmp_path_factory.mktemp("pipeline-vllm"))
+    profile = yaml.safe_load((repo / "profiles" / "smoke.yaml").read_text())
+    profile["generation"].update(backend="vllm", vllm={"python": str(require_vllm_env()), "max_model_len": 512})
+    (repo / "profiles" / "smoke.yaml").write_text(yaml.safe_dump(profile))
+    _run([sys.executable, "-m", "flows.pipeline", "--profile", "smoke"], repo, timeout=900)
+    steps = [json.loads(line) for line in (repo / "train" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(s["weight_sync_seconds"] > 0 for s in steps)
+    for model in ("base", "trained"):
+        rows = __import__("pyarrow.parquet").parquet.read_table(
+            repo / "rollouts" / model / "synthetic.parquet").to_pylist()
+        assert rows and all((r["z_c_logprob"] is None) == (r["finish_reason"] == "length") for r in rows)
+    assert "up to date" in _run(["dvc", "status"], repo).stdout

@@ -66,7 +66,7 @@ def test_rollout_rows_follow_the_schema(tmp_path):
     assert second["verify_status"] == "no_answer" and second["pred_answer"] is None
 
 
-def test_rollout_stage_resumes_the_eval_sets_an_earlier_attempt_finished(tmp_path, monkeypatch, repo_cache,
+def test_rollout_stage_resumes_the_eval_sets_an_earlier_attempt_finished(tmp_path, monkeypatch, tiny_model_dir,
                                                                           tiny_tokenizer, capsys):
     import yaml
 
@@ -76,7 +76,7 @@ def test_rollout_stage_resumes_the_eval_sets_an_earlier_attempt_finished(tmp_pat
     monkeypatch.chdir(tmp_path)
     synthetic = {"kind": "synthetic", "num_problems": 3, "split": "test"}
     Path("params.yaml").write_text(yaml.safe_dump({
-        "paths": {"cache_dir": str(tmp_path / "cache")}, "model": {"name": str(repo_cache / "models" / "tiny-random")},
+        "paths": {"cache_dir": str(tmp_path / "cache")}, "model": {"name": str(tiny_model_dir)},
         "prepare": {"train": {"kind": "synthetic", "num_problems": 20},
                     "eval_sets": {"a": {**synthetic, "seed": 1}, "b": {**synthetic, "seed": 2}}},
         "generation": {"max_new_tokens": 12}, "rollout": {"samples_per_problem": 2}}))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import require_vllm_env
 
 from laser.config import Params, TrainParams, VLLMParams, build
 from laser.errors import StageError
@@ -25,14 +26,8 @@ from laser.generation import Sampling, full_forward_probe_logprobs
 from laser.models import load_model, load_tokenizer, token_id
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-SETTINGS = VLLMParams(python=str(VLLM_PYTHON), max_model_len=512, max_num_seqs=16)
+SETTINGS = VLLMParams(python=str(require_vllm_env()), max_model_len=512, max_num_seqs=16)
 TOLERANCE = 1e-4  # fp32: measured differences ~3e-6
-
-if not VLLM_PYTHON.exists():
-    if os.environ.get("LASER_REQUIRE_VLLM") == "1":
-        raise RuntimeError(f"{VLLM_PYTHON} is missing: run `bash scripts/setup_vllm.sh`")
-    pytest.skip("the vLLM environment is not set up (bash scripts/setup_vllm.sh)", allow_module_level=True)
 
 
 def _prompts(tokenizer, n: int = 4) -> list[list[int]]:
