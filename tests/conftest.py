@@ -35,6 +35,15 @@ def tiny_tokenizer(tiny_model_dir):
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
+def stage_env() -> dict[str, str]:
+    """The environment for running a stage as its own process: this checkout on PYTHONPATH and no distributed
+    variables inherited (a stage started from a test is a world of its own)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
 def require_vllm_env() -> Path:
     """The vLLM environment's python; skips when it is not set up, except under the test command
     (LASER_REQUIRE_VLLM=1, set by scripts/test.sh after it sets the environment up), where that is a failure."""

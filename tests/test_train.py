@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import stage_env
 
 from laser import engine as ds
 from laser.advantages import grpo_advantages
@@ -219,13 +219,6 @@ def test_deepspeed_config_geometry_clipping_and_precision():
 # --------------------------------------------------------------------------------------- the stage, as a process
 
 
-def _stage_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
 @pytest.fixture
 def train_workdir(tmp_path, tiny_model_dir, repo_cache):
     """A work dir with params, a train parquet and a ref_constant JSON, ready for `python -m stages.train`."""
@@ -259,7 +252,7 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
     uninterrupted = tmp_path_factory.mktemp("uninterrupted")
     shutil.copytree(train_workdir, uninterrupted, dirs_exist_ok=True)
     cmd = [sys.executable, "-m", "stages.train"]
-    subprocess.run(cmd, cwd=uninterrupted, env=_stage_env(), check=True, capture_output=True)
+    subprocess.run(cmd, cwd=uninterrupted, env=stage_env(), check=True, capture_output=True)
     reference = _steps(uninterrupted)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
     exported = uninterrupted / "models" / "trained"
@@ -273,7 +266,7 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
     kept = [p.name for p in (uninterrupted / "checkpoints" / "train").glob("step*")]
     assert kept and len(kept) <= TrainParams().keep_checkpoints and "step6" in kept  # older ones were pruned
 
-    proc = subprocess.Popen(cmd, cwd=train_workdir, env=_stage_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=train_workdir, env=stage_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     latest = train_workdir / "checkpoints" / "train" / "latest"
     deadline = time.time() + 240
@@ -287,7 +280,7 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
     killed_at = int(latest.read_text().strip().removeprefix("step"))
     assert not (train_workdir / "models" / "trained").exists()  # no half-written export
 
-    resumed = subprocess.run(cmd, cwd=train_workdir, env=_stage_env(), capture_output=True, text=True)
+    resumed = subprocess.run(cmd, cwd=train_workdir, env=stage_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from checkpoint at step {killed_at}" in resumed.stdout
     after = _steps(train_workdir)
@@ -309,7 +302,7 @@ def test_two_processes(train_workdir, launcher):
            # the deepspeed launcher appends --local_rank=N to the stage's arguments
            "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                          "--master_port", port, "--module", "stages.train"]}[launcher]
-    done = subprocess.run(cmd, cwd=train_workdir, env=_stage_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=train_workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = _steps(train_workdir)
     assert sorted(steps) == [1, 2]

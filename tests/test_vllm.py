@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import require_vllm_env
+from conftest import require_vllm_env, stage_env
 
 from laser.config import Params, TrainParams, VLLMParams, build
 from laser.errors import StageError
@@ -182,13 +181,6 @@ def _one_step_raising_z_c(engine, completions, z_c: int) -> None:
     engine.step()
 
 
-def _stage_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
 @pytest.mark.slow
 def test_train_and_rollout_stages_with_the_vllm_backend(tmp_path, tiny_model_dir, tokenizer, repo_cache):
     """`python -m stages.train` with generation.backend vllm: the policy's rollouts come from the colocated
@@ -214,7 +206,7 @@ def test_train_and_rollout_stages_with_the_vllm_backend(tmp_path, tiny_model_dir
               "train": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "mini_batch_size": 8,
                         "micro_batch_size": 4, "lr": 1e-3, "checkpoint_every": 1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    train = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=_stage_env(),
+    train = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=stage_env(),
                            capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stderr[-3000:]
     steps = [json.loads(line) for line in (tmp_path / "train" / "steps.jsonl").read_text().splitlines()]
@@ -222,7 +214,7 @@ def test_train_and_rollout_stages_with_the_vllm_backend(tmp_path, tiny_model_dir
     assert all(s["weight_sync_seconds"] > 0 and s["num_tokens_generated"] > 0 for s in steps)
     assert (tmp_path / "models" / "trained" / "model.safetensors").exists()
     rollout = subprocess.run([sys.executable, "-m", "stages.rollout", "--model", "trained"], cwd=tmp_path,
-                             env=_stage_env(), capture_output=True, text=True, timeout=900)
+                             env=stage_env(), capture_output=True, text=True, timeout=900)
     assert rollout.returncode == 0, rollout.stderr[-3000:]
     rows = pq.read_table(tmp_path / "rollouts" / "trained" / "synthetic.parquet").to_pylist()
     assert len(rows) == 2 * len(problems)
