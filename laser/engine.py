@@ -36,6 +36,13 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group. Without it a gloo rank can abort at interpreter exit ("terminate called without
+    an active exception": its threads outlive the objects they use), failing a run whose work is all done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -202,6 +202,9 @@ def train(params: Params) -> None:
     if rank == 0:
         render_training_curves(read_records(steps_log), paths.train_curves)
         atomic_write_json(paths.train_metrics, metrics)
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank's work is written before any leaves the group
+    ds.shutdown_distributed()
 
 
 def train_steps(params: Params, trainer: LaserTrainer, start: int, steps_log: Path, ckpt_dir: Path) -> None:
