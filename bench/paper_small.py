@@ -1,15 +1,16 @@
 """Collect the paper-small experiment (bench/run_paper_small.sh) into bench/results/paper_small.{json,png}.
 
-    python bench/paper_small.py --run ../paper-small-run [--out bench/results] [--laser-rev paper-small]
-                                [--grpo-exp grpo] [--name paper_small]
+    python bench/paper_small.py --run ../paper-small-run [--out bench/results] [--name paper_small]
+    python bench/paper_small.py --combine bench/results/paper_small.json bench/results/paper_small_seed1.json \
+                                --name paper_small_seeds
 
-The run directory holds LaSeR at its ``paper-small`` branch head and GRPO-only as the DVC experiment ``grpo``,
-both rolled out on the same held-out set. Reads each variant's rollouts (``dvc.api`` at its revision; the base
-model's from the LaSeR revision) and evaluates them all with this checkout's ``stages.evaluate`` (the macro
-headline, 95% bootstrap intervals over problems, the collapse verdict), and ``train/steps.jsonl`` from git for
-the per-step curves (batch self-verification AUROC and F1, reward) of LaSeR vs GRPO. Writes the table (rows
-Base / GRPO / LaSeR: accuracy avg@K, maj@K, weighted maj@K, paper-F1, AUROC, ECE) with a header naming the model,
-steps, seeds, git revisions and params digest.
+``--run``: a checkout where ``dvc repro`` ran profiles/paper-small.yaml, every training variant of its
+params.yaml (dvc.yaml's ``train@<v>``, ``rollout@<v>``) beside ``rollout_base``. Reads each model's rollouts from
+the workspace and evaluates them all with this checkout's ``stages.evaluate`` (the macro headline, 95% bootstrap
+intervals over problems, the collapse verdict), and ``train/<v>/steps.jsonl`` for the per-step curves (batch
+self-verification AUROC and F1, reward) of every variant. Writes the table (rows Base / GRPO / LaSeR: accuracy
+avg@K, maj@K, weighted maj@K, paper-F1, AUROC, ECE) with a header naming the model, steps, seeds, the git
+revision and params digest. ``--combine``: per-seed result files -> the mean (and range) per method.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -24,26 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml
-
-from laser.config import Params, build
+from laser.config import load_params
 from laser.io import atomic_path, atomic_write_json
-
-
-def git_json(run: Path, rev: str, path: str):
-    text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=run, capture_output=True, text=True,
-                          check=True).stdout
-    return json.loads(text) if path.endswith(".json") else [json.loads(line) for line in text.splitlines()]
-
-
-def exp_rev(run: Path, name: str) -> str:
-    out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=run, capture_output=True, text=True, check=True)
-    for rev in json.loads(out.stdout):
-        for exp in rev.get("experiments") or []:
-            for r in exp.get("revs") or []:
-                if r.get("name") == name:
-                    return r["rev"]
-    raise SystemExit(f"no DVC experiment {name!r} in {run}")
 
 
 def figure(curves: dict[str, list[dict]], path: Path) -> None:
@@ -75,32 +59,15 @@ def figure(curves: dict[str, list[dict]], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=90)
 
 
-def read_rollouts_at(run: Path, rev: str, model: str, eval_sets: list[str]) -> dict:
-    """``{eval_set: pyarrow.Table}`` of ``rollouts/<model>`` as DVC recorded it at git revision ``rev``."""
-    import io
-
-    import dvc.api
-    import pyarrow.parquet as pq
-
-    tables = {}
-    for eval_set in eval_sets:
-        with dvc.api.open(f"rollouts/{model}/{eval_set}.parquet", repo=str(run), rev=rev, mode="rb") as f:
-            tables[eval_set] = pq.read_table(io.BytesIO(f.read()))
-    return tables
-
-
-def evaluate_variants(run: Path, revs: dict[str, str], params) -> dict:
-    """Every variant's rollouts (and the base model's, from the LaSeR revision) through this checkout's evaluate:
-    one code version computes the table, its 95% intervals and the collapse verdicts."""
+def evaluate_models(run: Path, params) -> dict:
+    """Base's and every variant's rollouts through this checkout's evaluate: one code version computes the
+    table, its 95% intervals and the collapse verdicts."""
     from collections import Counter
 
     from laser.answers import verifier_equivalent
-    from stages.evaluate import evaluate
+    from stages.evaluate import evaluate, read_rollouts
 
-    eval_sets = sorted(params.prepare.eval_sets)
-    rollouts = {"base": read_rollouts_at(run, revs["laser"], "base", eval_sets)}
-    for name, rev in revs.items():
-        rollouts[name] = read_rollouts_at(run, rev, "trained", eval_sets)
+    rollouts = read_rollouts(run / params.paths.rollouts_dir, ["base", *params.variants])
     unjudged: Counter = Counter()
     equivalent = verifier_equivalent(params.verifier.timeout_s, params.verifier.num_workers, unjudged)
     result = evaluate(rollouts, params.evaluate, equivalent=equivalent)
@@ -118,43 +85,80 @@ HEADLINE = {"accuracy": "avg@K", "maj": "maj@K", "weighted_maj": "weighted_maj@K
             "sv_auroc": "sv_auroc", "sv_ece": "sv_ece"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--laser-rev", default="paper-small", help="the git revision of the LaSeR run")
-    parser.add_argument("--grpo-exp", default="grpo", help="the DVC experiment of the GRPO-only run")
-    parser.add_argument("--name", default="paper_small", help="results file stem: <out>/<name>.json/.png")
-    args = parser.parse_args()
-    revs = {"laser": args.laser_rev, "grpo": exp_rev(args.run, args.grpo_exp)}
-    params_text = subprocess.run(["git", "show", f"{args.laser_rev}:params.yaml"], cwd=args.run,
-                                 capture_output=True, text=True, check=True).stdout
-    params = build(Params, yaml.safe_load(params_text))
-    table = evaluate_variants(args.run, revs, params)
-    curves = {name: git_json(args.run, rev, "train/steps.jsonl") for name, rev in revs.items()}
-    train = {name: git_json(args.run, rev, "train/metrics.json") for name, rev in revs.items()}
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def collect(run: Path, out: Path, name: str) -> None:
+    params = load_params(run / "params.yaml")
+    variants = {v: params.for_variant(v) for v in params.variants}
+    table = evaluate_models(run, params)
+    curves = {v: read_jsonl(run / params.paths.trained(v).steps) for v in variants}
+    train = {v: json.loads((run / params.paths.trained(v).metrics).read_text()) for v in variants}
+    params_text = (run / "params.yaml").read_text()
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=run, capture_output=True, text=True).stdout.strip()
     result = {
-        "header": {"model": params.model.name, "steps": params.train.steps,
-                   "seeds": {"train": params.train.seed, "rollout": params.rollout.seed},
-                   "git_revs": {name: subprocess.run(["git", "rev-parse", rev], cwd=args.run, capture_output=True,
-                                                     text=True, check=True).stdout.strip()
-                                for name, rev in revs.items()},
-                   "params_digest": hashlib.sha256(params_text.encode()).hexdigest()[:12],
-                   "variants_differ_in": "self_reward.enabled (true: LaSeR, false: GRPO-only)"},
+        "header": {"model": params.model.name,
+                   "variants": {v: {"method": "LaSeR" if p.self_reward.enabled else "GRPO", "steps": p.train.steps,
+                                    "train_seed": p.train.seed} for v, p in variants.items()},
+                   "rollout_seed": params.rollout.seed, "generation_backend": params.generation.backend,
+                   "git_revision": revision or None,
+                   "params_digest": hashlib.sha256(params_text.encode()).hexdigest()[:12]},
         "table": table, "K": params.rollout.samples_per_problem,
         "eval": f"held-out set(s) {sorted(params.prepare.eval_sets)} (data/stats.json held_out); macro-average; "
                 "ci95: bootstrap over problems of the pooled samples",
-        "train_seconds": {name: t.get("gen_seconds_total", 0) + t.get("train_seconds_total", 0)
-                          for name, t in train.items()},
-        "steps": {name: t.get("steps") for name, t in train.items()},
+        "train_seconds": {v: t.get("gen_seconds_total", 0) + t.get("train_seconds_total", 0) for v, t in train.items()},
+        "steps": {v: t.get("steps") for v, t in train.items()},
         "params_yaml": params_text,
-        "goals": {"laser_sv_auroc": 0.80, "laser_sv_f1": 0.70, "grpo_sv_auroc": "near 0.5",
-                  "laser_accuracy_vs_grpo": "within 2 points or better", "laser_weighted_maj_vs_maj": ">="},
+        "goals": GOALS,
         "date": time.strftime("%Y-%m-%d"),
     }
-    atomic_write_json(args.out / f"{args.name}.json", result)
-    figure(curves, args.out / f"{args.name}.png")
+    atomic_write_json(out / f"{name}.json", result)
+    figure(curves, out / f"{name}.png")
     print(json.dumps(table, indent=1))
+
+
+GOALS = {"laser_sv_auroc": 0.80, "laser_sv_f1": 0.70, "grpo_sv_auroc": "near 0.5",
+         "laser_accuracy_vs_grpo": "within 2 points or better", "laser_weighted_maj_vs_maj": ">="}
+
+
+def method_of(result: dict, model: str) -> str:
+    """Base / GRPO / LaSeR of a row; older result files name the variants laser and grpo without a method."""
+    if model == "base":
+        return "Base"
+    variants = result["header"].get("variants") or {}
+    return variants[model]["method"] if model in variants else {"laser": "LaSeR", "grpo": "GRPO"}[model]
+
+
+def combine(files: list[Path], out: Path, name: str) -> None:
+    """Per-seed runs -> per method the mean of each headline number and its range over the runs."""
+    results = [json.loads(f.read_text()) for f in files]
+    rows: dict[str, list[dict]] = {}
+    for result in results:
+        for model, row in result["table"].items():
+            rows.setdefault(method_of(result, model), []).append(row)
+    keys = [*HEADLINE, "sv_auroc_answered"]
+    table = {method: {key: {"mean": statistics.fmean(r[key] for r in runs), "min": min(r[key] for r in runs),
+                            "max": max(r[key] for r in runs), "n": len(runs)}
+                      for key in keys if all(r.get(key) is not None for r in runs)}
+             for method, runs in rows.items()}
+    atomic_write_json(out / f"{name}.json", {"runs": [str(f) for f in files], "table": table, "goals": GOALS,
+                                             "date": time.strftime("%Y-%m-%d")})
+    print(json.dumps(table, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a checkout where dvc repro ran the paper-small profile")
+    source.add_argument("--combine", type=Path, nargs="+", help="result files of runs at different seeds")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", default="paper_small", help="results file stem: <out>/<name>.json/.png")
+    args = parser.parse_args()
+    if args.run:
+        collect(args.run, args.out, args.name)
+    else:
+        combine(args.combine, args.out, args.name)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ checkouts; any DVC remote: S3, GCS, SSH, a shared directory), the way DVC projec
    home), ``dvc push <stage>``, and publishes its ``dvc.lock`` entry and its uncached outputs (train's metrics,
    step log, DVCLive directory and curves) in the artifact ``laser-dispatch-<stage>`` of its run;
 4. orchestrator: merges that entry into its ``dvc.lock`` (under DVC's repo lock), writes the uncached outputs and
-   ``dvc pull <stage>`` the cached ones (``models/trained``): the stages downstream run here as usual.
+   ``dvc pull <stage>`` the cached ones (``models/<variant>``): the stages downstream run here as usual.
 
 The checkpoints (``paths.checkpoints``, resume state and not a DVC output) stay on the GPU machine: a retried run
 resumes from them there; they are not needed here. Deploy the remote flow with

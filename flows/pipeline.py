@@ -10,7 +10,7 @@ that was not sourced, so every cache stays in ``.cache``)::
     python -m flows.pipeline                      # params.yaml as it is
     python -m flows.pipeline --profile smoke      # merge profiles/smoke.yaml into params.yaml first
     python -m flows.pipeline --force train        # rerun train and everything downstream of it
-    python -m flows.pipeline --force rollout      # a foreach group: rollout@base, rollout@trained, downstream
+    python -m flows.pipeline --force rollout      # a foreach group: rollout@<each variant>, downstream
 
 It prints where the report and the metrics files are. In Python: ``laser_pipeline(profile="smoke")``.
 
@@ -52,8 +52,9 @@ a progress artifact ``laser-progress-<stage>`` that follows it.
 Results are published as Prefect artifacts: ``laser-headline`` (a table of the headline numbers: per model accuracy,
 pass/maj/weighted-maj@K, self-verification F1, AUROC, ECE; train's final reward and self-reward MSE),
 ``laser-metrics`` (a table of every metric in every metrics file, numbers first: ``dvc metrics show`` plus
-``paths.eval_metrics``, ``paths.train_metrics``, ``paths.data_stats``) and ``laser-report`` (markdown: the report's
-path, the stage outcomes, the report itself with its plots embedded as data: URIs, so they render in the UI).
+``paths.eval_metrics``, each variant's ``train/<variant>/metrics.json``, ``paths.data_stats``) and
+``laser-report`` (markdown: the report's path, the stage outcomes, the report itself with its plots embedded as
+data: URIs, so they render in the UI).
 
 Prefect UI and scheduled runs::
 
@@ -403,7 +404,8 @@ def collect_metrics(repo_root: Path, params: Params, env: dict[str, str]) -> dic
                     files[Path(path).as_posix()] = entry["data"]
     except (OSError, subprocess.SubprocessError, ValueError, AttributeError) as err:
         logger.warning("dvc metrics show failed (%s); reading the metrics files named in params only", err)
-    for rel in (params.paths.eval_metrics, params.paths.train_metrics, params.paths.data_stats):
+    train_metrics = [params.paths.trained(v).metrics for v in params.variants]
+    for rel in (params.paths.eval_metrics, *train_metrics, params.paths.data_stats):
         path = repo_root / rel
         if Path(rel).as_posix() not in files and path.is_file():
             try:
@@ -413,7 +415,7 @@ def collect_metrics(repo_root: Path, params: Params, env: dict[str, str]) -> dic
                 continue
             if isinstance(data, dict):
                 files[Path(rel).as_posix()] = data
-    first = [Path(rel).as_posix() for rel in (params.paths.eval_metrics, params.paths.train_metrics)]
+    first = [Path(rel).as_posix() for rel in (params.paths.eval_metrics, *train_metrics)]
     return {path: files[path] for path in sorted(files, key=lambda p: (first.index(p) if p in first else 2, p))}
 
 
@@ -435,11 +437,12 @@ TRAIN_ROWS = (("train: final reward", "final_reward_mean"), ("train: final self-
               ("train: last-quarter reward", "last_quarter_reward_mean"), ("train: steps", "steps"))
 
 
-def headline_rows(eval_metrics: dict | None, train_metrics: dict | None) -> tuple[list[dict[str, Any]], str]:
+def headline_rows(eval_metrics: dict | None, train_metrics: dict[str, dict] | None) -> tuple[list[dict[str, Any]], str]:
     """The ``laser-headline`` table (at most 30 rows): one row per number, one column per model; and the view.
 
     Per model the headline of ``eval_metrics`` (``models.<model>.headline.<view>``, the view being its
-    ``headline_view``, else ``macro`` when present, else ``overall``); then train's final reward and MSE."""
+    ``headline_view``, else ``macro`` when present, else ``overall``); then each training variant's final reward
+    and MSE (``train_metrics``: variant -> its train/<variant>/metrics.json) in its own column."""
     models = (eval_metrics or {}).get("models") or {}
     view = (eval_metrics or {}).get("headline_view")
     heads: dict[str, dict] = {}
@@ -451,10 +454,10 @@ def headline_rows(eval_metrics: dict | None, train_metrics: dict | None) -> tupl
             view = view or chosen
     rows = [{"metric": label, **{model: _round(head.get(key)) for model, head in heads.items()}}
             for label, key in HEADLINE_ROWS if any(key in head for head in heads.values())]
-    column = "trained" if "trained" in heads or not heads else list(heads)[-1]
     for label, key in TRAIN_ROWS:
-        if train_metrics and key in train_metrics:
-            rows.append({"metric": label, **dict.fromkeys(heads, None), column: _round(train_metrics[key])})
+        values = {variant: _round(m[key]) for variant, m in (train_metrics or {}).items() if m and key in m}
+        if values:
+            rows.append({"metric": label, **dict.fromkeys(heads, None), **values})
     return rows[:30], view or "overall"
 
 
@@ -503,7 +506,7 @@ def publish_artifacts(repo_root: Path, report: Path, metrics: dict[str, dict],
         rows = rows[:_MAX_TABLE_ROWS]
     if params is not None:
         eval_data = metrics.get(Path(params.paths.eval_metrics).as_posix())
-        train_data = metrics.get(Path(params.paths.train_metrics).as_posix())
+        train_data = {v: metrics.get(Path(params.paths.trained(v).metrics).as_posix()) for v in params.variants}
         head, view = headline_rows(eval_data, train_data)
         create_table_artifact(table=head or [{"metric": "(no eval or train metrics yet)"}], key=HEADLINE_ARTIFACT,
                               description=f"LaSeR headline (view {view!r} of the eval sets; K = samples per problem); "
@@ -606,7 +609,7 @@ def _train_dispatch(cfg, dag: nx.DiGraph, root: Path, order: list[str], logger) 
         return None
     from flows.dispatch import dispatch_settings
 
-    if cfg.train_stage not in dag:
+    if not any(cfg.train_stage in (name, _stage_group(name)) for name in dag):
         raise ValueError(f"flow.train_stage = {cfg.train_stage!r} (the stage flow.train_dispatch sends) is not "
                          f"a stage of {root / 'dvc.yaml'}: {', '.join(order)}")
     dispatch = dispatch_settings(cfg)  # needs a Prefect server: a clear error here, before any stage
@@ -626,7 +629,7 @@ def _stage_caller(cfg, root: Path, forced: set[str], dispatch: dict[str, Any] | 
         logger.info("a transient stage failure is retried up to %d times, waiting %s", cfg.retries, waits)
 
     def call(name: str, submit: bool):
-        dispatched = dispatch if name == cfg.train_stage else None
+        dispatched = dispatch if cfg.train_stage in (name, _stage_group(name)) else None  # train: every train@<v>
         # a dispatched stage uses no GPU here: its run on the GPU pool takes the tag's slot there (if this task held
         # it too, the two would wait for each other)
         gpu = not dispatched and (_stage_group(name) in cfg.gpu_stages or name in cfg.gpu_stages)

@@ -1,7 +1,7 @@
 """Use a trained LaSeR model: load an exported directory, score a response, solve a problem by self-verified voting.
 
     import laser
-    model = laser.load("models/laser")                      # or any HF causal LM dir + self_reward_config=FILE
+    model = laser.load("release")                            # or any HF causal LM dir + self_reward_config=FILE
     model.score("What is 17 + 25?", "17 + 25 = 42. The answer is \\boxed{42}.")   # r_s; clipped > 0.5: verified
     result = model.solve("What is 17 + 25?", k=8)              # k samples, self-reward-weighted majority vote
     result.answer, result.votes, [(s.answer, s.score, s.self_verified) for s in result.samples]

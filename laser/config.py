@@ -55,14 +55,10 @@ class PathsParams:
     data_rejects: str = "data/rejects.jsonl"
     ref_constant: str = "ref/ref_constant.json"
     ref_logprobs: str = "ref/logprobs.csv"
-    trained_model: str = "models/trained"
-    release_model: str = "models/laser"  # the export with a model card holding this run's evaluation (stage package)
-    checkpoints: str = "checkpoints/train"
-    train_steps: str = "train/steps.jsonl"
-    train_metrics: str = "train/metrics.json"
-    train_curves: str = "train/curves.png"  # the training curves, one panel per quantity (laser/train_log.py)
-    train_live: str = "train/live"  # DVCLive: plots/metrics/train/<metric>.tsv per step, metrics.json (last step)
-    train_completions: str = "train/completions.jsonl"  # a few decoded samples per step (train.completions_per_step)
+    models_dir: str = "models"  # models/<variant>: each training variant's export (safetensors + tokenizer + card)
+    release_model: str = "release"  # the export of package.variant with a model card holding this run's evaluation
+    checkpoints_dir: str = "checkpoints"  # checkpoints/<variant>: resume state (not a DVC output)
+    train_dir: str = "train"  # train/<variant>/: the step log, metrics, curves, DVCLive, sample completions
     rollouts_dir: str = "rollouts"
     eval_metrics: str = "eval/metrics.json"
     eval_summary: str = "eval/summary.json"  # the headline per model (tens of keys): what dvc exp show shows
@@ -105,6 +101,27 @@ class PathsParams:
                 _fail(f"paths.{inner}", str(outputs[inner]),
                       f"a path that is not, and is not inside, paths.{outer} = {str(outputs[outer])!r} (the output "
                       "paths and the cache dir must be distinct and not nested)")
+
+    def trained(self, variant: str) -> TrainedPaths:
+        """Where training variant ``variant`` writes (dvc.yaml's ``train@<variant>`` outputs spell the same)."""
+        run = PurePath(self.train_dir) / variant
+        return TrainedPaths(
+            model=str(PurePath(self.models_dir) / variant), checkpoints=str(PurePath(self.checkpoints_dir) / variant),
+            steps=str(run / "steps.jsonl"), metrics=str(run / "metrics.json"), curves=str(run / "curves.png"),
+            live=str(run / "live"), completions=str(run / "completions.jsonl"))
+
+
+@dataclass(frozen=True)
+class TrainedPaths:
+    """One training variant's artifacts (``PathsParams.trained``)."""
+
+    model: str  # the export: safetensors + tokenizer, laser.json, a model card
+    checkpoints: str  # resume state, not a DVC output
+    steps: str  # one JSON line per step (persist: a resumed run continues it)
+    metrics: str  # the final step's numbers and the run's totals
+    curves: str  # the training-curve PNG, a panel per quantity (laser/train_log.py)
+    live: str  # DVCLive: plots/metrics/train/<metric>.tsv per step, metrics.json (last step)
+    completions: str  # a few decoded samples per step (train.completions_per_step)
 
 
 @dataclass(frozen=True)
@@ -411,10 +428,10 @@ class FlowParams:
     retry_delay_s: float = 5.0
     retry_backoff: float = 2.0
     max_parallel: int = 1  # stages run at once when the DAG allows (rollout@base beside train); 1 on a CPU machine
-    gpu_stages: tuple[str, ...] = ("ref_constant", "train", "rollout")  # stages (or foreach groups) on a GPU
+    gpu_stages: tuple[str, ...] = ("ref_constant", "train", "rollout_base", "rollout")  # stages / foreach groups: GPU
     gpu_tag: str = "gpu"  # their Prefect tag: a tag concurrency limit on it keeps two of them off one GPU
     train_launcher: str = "python"  # dvc.yaml runs `${flow.train_launcher} -m stages.train`: torchrun ..., deepspeed
-    train_stage: str = "train"  # the stage train_dispatch applies to
+    train_stage: str = "train"  # the stage (or foreach group: every train@<v>) train_dispatch sends
     train_dispatch: Literal["local", "deployment"] = "local"  # deployment: run it on a (GPU) work pool
     train_deployment: str = "laser-remote-stage/gpu"  # flow-name/deployment-name (python -m flows.deploy --remote)
     dispatch_start_timeout_s: float = 600.0  # no worker picked the dispatched run up by then: failed (retried)
@@ -441,6 +458,23 @@ class FlowParams:
 
 
 @dataclass(frozen=True)
+class VariantParams:
+    """One training variant (dvc.yaml's ``train@<name>``): keys of ``self_reward`` and ``train`` that differ from
+    the shared sections; everything else (data, seeds unless overridden, generation, rollouts) is shared."""
+
+    self_reward: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PackageParams:
+    variant: str = "laser"  # which training variant the package stage releases (paths.release_model)
+
+
+VARIANT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+
+
+@dataclass(frozen=True)
 class Params:
     paths: PathsParams = field(default_factory=PathsParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -453,6 +487,32 @@ class Params:
     rollout: RolloutParams = field(default_factory=RolloutParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     flow: FlowParams = field(default_factory=FlowParams)
+    # The training variants, each trained, rolled out and evaluated beside the base model (dvc.yaml foreach).
+    variants: dict[str, VariantParams] = field(default_factory=lambda: {"laser": VariantParams()})
+    package: PackageParams = field(default_factory=PackageParams)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.variants), "variants", self.variants, "at least one training variant, e.g. {laser: {}}")
+        for name in self.variants:
+            _require(bool(VARIANT_NAME.fullmatch(name)) and name != "base", f"variants.{name}", name,
+                     "a name of lower-case letters, digits, '_' or '-' (at most 40), starting with a letter, and not "
+                     "'base' (the untrained model's rollouts)")
+            self._variant_sections(name)  # validates the overrides, naming variants.<name>.<section>.<key>
+        _require(self.package.variant in self.variants, "package.variant", self.package.variant,
+                 f"one of the variants: {', '.join(self.variants)}")
+
+    def for_variant(self, name: str) -> Params:
+        """These params as training variant ``name`` sees them: its overrides applied to self_reward and train."""
+        if name not in self.variants:
+            raise ParamsError(f"params: no training variant {name!r}; variants: {', '.join(self.variants)}")
+        self_reward, train = self._variant_sections(name)
+        return dataclasses.replace(self, self_reward=self_reward, train=train)
+
+    def _variant_sections(self, name: str) -> tuple[SelfRewardParams, TrainParams]:
+        overrides, where = self.variants[name], f"variants.{name}"
+        return (build(SelfRewardParams, {**dataclasses.asdict(self.self_reward), **overrides.self_reward},
+                      f"{where}.self_reward"),
+                build(TrainParams, {**dataclasses.asdict(self.train), **overrides.train}, f"{where}.train"))
 
 
 # ------------------------------------------------------------------------------------------------------ typed build
@@ -476,6 +536,8 @@ def _finite(value: int | float) -> bool:
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert lists/dicts to tuples/dataclasses."""
+    if tp is Any:  # checked where it is used (VariantParams: by building the section it overrides)
+        return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

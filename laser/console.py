@@ -1,8 +1,8 @@
 """The ``laser`` command (pyproject ``[project.scripts]``; also ``python -m laser.console``).
 
-    laser solve --model models/laser --k 8 "What is 17 + 25?"     # voted answer, votes, each sample's score
-    laser solve --model models/laser --k 8 --json "What is 17 + 25?"
-    laser score --model models/laser --problem "What is 17 + 25?" --response "... \\boxed{42}."
+    laser solve --model release   --k 8 "What is 17 + 25?"     # voted answer, votes, each sample's score
+    laser solve --model release   --k 8 --json "What is 17 + 25?"
+    laser score --model release   --problem "What is 17 + 25?" --response "... \\boxed{42}."
     laser run [--profile smoke] [--force train] ...                  # = python -m flows.pipeline ...
     laser report [--evaluate]                                         # print eval/report.md (or make it first)
 
@@ -84,7 +84,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="an exported model directory (models/laser), or any HF causal LM directory with "
+                        help="an exported model directory (release), or any HF causal LM directory with "
                              "--self-reward-config")
     parser.add_argument("--self-reward-config", metavar="FILE",
                         help="the self-reward settings when DIR has none: a laser.json, or the base model's "

@@ -92,13 +92,14 @@ TRAIN_ROWS = (("final_reward_mean", "reward (verifier) at the last step"),
               ("final_self_reward_mse", "self-reward MSE at the last step"))
 
 
-def render_model_card(params: Params, settings: dict[str, Any], train_rows: int | None,
+def render_model_card(params: Params, variant: str, settings: dict[str, Any], train_rows: int | None,
                       train_metrics: dict[str, Any] | None = None, eval_metrics: dict[str, Any] | None = None,
                       model_dir: str | None = None) -> str:
-    """The export's README.md. ``train_metrics``: train/metrics.json (``stages.train.final_metrics``);
+    """The export's README.md. ``train_metrics``: train/<variant>/metrics.json (``stages.train.final_metrics``);
     ``eval_metrics``: eval/metrics.json when it belongs to this model (the train stage runs before evaluate, so
-    it passes None and the card points to the report instead)."""
-    model_dir = model_dir or params.paths.trained_model
+    it passes None and the card points to the report instead). ``params``: as ``variant`` sees them
+    (``Params.for_variant``)."""
+    model_dir = model_dir or params.paths.trained(variant).model
     base, hub_id = _base_model(params.model.name)
     t, sr = params.train, params.self_reward
     method = "LaSeR" if sr.enabled else "GRPO only (self_reward.enabled: false; the score is untrained)"
@@ -144,8 +145,9 @@ def render_model_card(params: Params, settings: dict[str, Any], train_rows: int 
         "",
     ]
     if train_metrics:
-        lines += ["During training (π_old's rollouts of each step; `train/metrics.json`, per step in "
-                  f"`{params.paths.train_steps}`):", "", "| metric | value |", "|---|---|"]
+        run = params.paths.trained(variant)
+        lines += [f"During training (π_old's rollouts of each step; `{run.metrics}`, per step in `{run.steps}`):", "",
+                  "| metric | value |", "|---|---|"]
         lines += [f"| {label} | {_fmt(train_metrics.get(key))} |" for key, label in TRAIN_ROWS
                   if key in train_metrics]
         lines.append("")

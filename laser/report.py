@@ -218,9 +218,9 @@ def _blocks(m: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
 def _intro(s: dict[str, Any], run: dict[str, Any] | None = None) -> list[str]:
     header = []
     if run:
-        variant = "LaSeR" if run["self_reward"] else "GRPO-only (self_reward.enabled: false)"
-        header = [f"Model `{run['model']}`, {variant}, {run['train_steps']} training steps; seeds train "
-                  f"{run['seeds']['train']}, rollout {run['seeds']['rollout']}; git revision "
+        variants = "; ".join(f"`{name}` {v['method']}, {v['train_steps']} training steps, train seed {v['train_seed']}"
+                             for name, v in run["variants"].items())
+        header = [f"Model `{run['model']}`; variants: {variants}; rollout seed {run['seeds']['rollout']}; git revision "
                   f"`{run['git_revision'] or 'unknown (not a git checkout)'}`; params digest `{run['params_digest']}`.",
                   ""]
     return [
@@ -249,11 +249,41 @@ def _headline_section(m: dict[str, Any]) -> list[str]:
              "\"Avg\"); `overall` pools every sample, so a large set dominates it. The base model is scored "
              "with its own c_ref, so its score centres on 0 (F1 ≈ 0 by construction): an untrained score.", "",
              *_table(["model", "eval set", *HEADLINE_KEYS], rows)]
-    if "comparison" in m:
+    for model, views in m.get("comparison", {}).items():
         rows = [[name, key, _fmt(v["base"]), _fmt(v["trained"]), _fmt_delta(v["delta"])]
-                for name, cmp in m["comparison"].items() for key, v in cmp.items() if key != "K"]
-        lines += ["", "## base vs trained", ""]
-        lines += _table(["eval set", "metric", "base", "trained", "Δ (trained − base)"], rows)
+                for name, cmp in views.items() for key, v in cmp.items() if key != "K"]
+        lines += ["", f"## base vs {model}", ""]
+        lines += _table(["eval set", "metric", "base", model, f"Δ ({model} − base)"], rows)
+    return lines
+
+
+MAIN_COLUMNS = (("accuracy (avg@K)", "avg@K"), ("maj@K", "maj@K"), ("weighted maj@K", "weighted_maj@K"),
+                ("paper-F1", "sv_f1"), ("AUROC", "sv_auroc"), ("ECE", "sv_ece"))
+
+
+def method_label(model: str, run: dict[str, Any] | None) -> str:
+    """The paper's row name: Base, or the variant's method (GRPO / LaSeR) with the variant's name."""
+    if model == "base":
+        return "Base"
+    variant = (run or {}).get("variants", {}).get(model)
+    return f"{variant['method']} (`{model}`)" if variant else model
+
+
+def _main_table_section(m: dict[str, Any]) -> list[str]:
+    """The paper's main table: rows Base / GRPO / LaSeR, one table per eval set and the macro-average."""
+    view = m.get("headline_view", HEADLINE_VIEW)
+    models = sorted(m["models"], key=lambda name: (name != "base", "LaSeR" in method_label(name, m.get("run")),
+                                                    name))
+    views = [name for name in next(iter(m["models"].values()))["headline"] if name != "overall"]
+    lines = ["## Main table", "",
+             "As the paper's: accuracy is avg@K, maj@K the majority vote over the K samples, weighted maj@K weighs "
+             "each vote by the clipped self-reward score; paper-F1, AUROC and ECE are self-verification over all "
+             f"judged samples. `{view}` is the mean over eval sets.", ""]
+    for name in views:
+        rows = [[method_label(model, m.get("run")),
+                 *(_fmt(m["models"][model]["headline"].get(name, {}).get(key)) for _, key in MAIN_COLUMNS)]
+                for model in models]
+        lines += [f"**{name}**", "", *_table(["", *(label for label, _ in MAIN_COLUMNS)], rows), ""]
     return lines
 
 
@@ -314,21 +344,24 @@ def _counts_section(m: dict[str, Any]) -> list[str]:
             f"Answer pairs checked for equivalence: {m['equivalence']['pairs_checked']}."]
 
 
-def _training_section(link: str | None) -> list[str]:
-    if link is None:
+def _training_section(links: dict[str, str]) -> list[str]:
+    if not links:
         return []
-    return ["", "## Training", "", "Per step, over π_old's rollouts of the step (train/steps.jsonl; DVCLive: "
-            "`dvc plots show`):", "", f"![training curves]({link})", ""]
+    lines = ["", "## Training", "", "Per step, over π_old's rollouts of the step (train/<variant>/steps.jsonl; "
+             "DVCLive: `dvc plots show`):", ""]
+    for variant, link in links.items():
+        lines += [f"### {variant}", "", f"![training curves: {variant}]({link})", ""]
+    return lines
 
 
-def render_report(result: EvalResult, plots_link: str, train_curves_link: str | None = None) -> str:
+def render_report(result: EvalResult, plots_link: str, train_curves_links: dict[str, str] | None = None) -> str:
     """The Markdown report; ``plots_link`` is the figures directory relative to the report's directory,
-    ``train_curves_link`` the training-curve PNG (relative too; None: no training section)."""
+    ``train_curves_links`` each variant's training-curve PNG (relative too; none: no training section)."""
     m = result.metrics
     link = plots_link.rstrip("/")
-    lines = [*_intro(m["settings"], m.get("run")), *_headline_section(m), *_intervals_section(m),
-             *_scaling_section(result.plots, link),
-             *_self_verification_section(m, link), *_training_section(train_curves_link), *_counts_section(m)]
+    lines = [*_intro(m["settings"], m.get("run")), *_main_table_section(m), *_headline_section(m),
+             *_intervals_section(m), *_scaling_section(result.plots, link), *_self_verification_section(m, link),
+             *_training_section(train_curves_links or {}), *_counts_section(m)]
     if result.notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in result.notes)]
     if result.appendix:
@@ -353,7 +386,8 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_outputs(result: EvalResult, paths: PathsParams, threshold: float = 0.5) -> None:
+def write_outputs(result: EvalResult, paths: PathsParams, threshold: float = 0.5,
+                  train_curves: dict[str, str] | None = None) -> None:
     """Write the plots directory (CSV + PNG), the report, the metrics JSON and its summary, each atomically."""
     with atomic_path(paths.eval_plots, is_dir=True) as tmp:
         for name, rows in result.plots.items():
@@ -363,8 +397,8 @@ def write_outputs(result: EvalResult, paths: PathsParams, threshold: float = 0.5
             render_png(name, rows, tmp / f"{name}.png", threshold)
     report_dir = Path(paths.eval_report).parent
     link = Path(os.path.relpath(paths.eval_figures, report_dir)).as_posix()
-    curves = Path(paths.train_curves)
-    train_link = Path(os.path.relpath(curves, report_dir)).as_posix() if curves.is_file() else None
-    atomic_write_text(paths.eval_report, render_report(result, link, train_link))
+    train_links = {variant: Path(os.path.relpath(curves, report_dir)).as_posix()
+                   for variant, curves in (train_curves or {}).items() if Path(curves).is_file()}
+    atomic_write_text(paths.eval_report, render_report(result, link, train_links))
     atomic_write_json(paths.eval_metrics, result.metrics)
     atomic_write_json(paths.eval_summary, summary(result.metrics))

@@ -27,6 +27,7 @@ special token, whose probability there is ~e^-15): the response's own tokens are
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -98,6 +99,7 @@ class Worker:
         from laser.vllm_worker import ForceProbeAfterStop as processor
 
         self.llm = vllm.LLM(logits_processors=[processor], **engine)
+        logging.getLogger(ExpectedReloadWarnings.LOGGER).addFilter(ExpectedReloadWarnings())
         return {"vllm": vllm.__version__}
 
     def generate(self, requests: list[dict], temperature: float, top_p: float, max_new_tokens: int,
@@ -137,6 +139,19 @@ class Worker:
         self.llm.collective_rpc(retie_word_embeddings)
         self.llm.reset_prefix_cache()
         return {}
+
+
+class ExpectedReloadWarnings(logging.Filter):
+    """``reload_weights`` warns "<layer>: Failed to load weights" for layers a checkpoint holds no tensor for by
+    design: RotaryEmbedding (its cos/sin cache is computed, never saved) and a tied ParallelLMHead (re-tied right
+    after by :func:`retie_word_embeddings`). Said once per train step each, it is noise; other layers still warn."""
+
+    LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+    EXPECTED = frozenset({"RotaryEmbedding", "ParallelLMHead"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args
+                    and record.args[0] in self.EXPECTED)
 
 
 def retie_word_embeddings(worker) -> bool:

@@ -3,7 +3,7 @@
     python -m stages.evaluate [--params params.yaml]
 
 ``evaluate(rollouts, params, equivalent=...)`` is pure (tables in, :class:`laser.report.EvalResult` out);
-``main()`` reads ``{paths.rollouts_dir}/<model>/<eval_set>.parquet`` for every model directory and file present
+``main()`` reads ``{paths.rollouts_dir}/<model>/<eval_set>.parquet`` for base and every variant of params.yaml
 and writes, each atomically (:func:`laser.report.write_outputs`, which documents the files):
 
 - ``paths.eval_metrics``: the DVC metrics JSON (layout in :func:`evaluate`; no NaN: undefined values are null
@@ -49,7 +49,7 @@ from laser.verify import UNJUDGED
 
 log = logging.getLogger("laser.stages.evaluate")
 
-MODEL_ORDER = ("base", "trained")
+MODEL_ORDER = ("base",)  # then the training variants, by name
 SCALING_SEED = 0
 
 
@@ -241,13 +241,14 @@ def _model_notes(model: str, mm: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _comparison(base: dict[str, Any], trained: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+def _comparison(base: dict[str, Any], trained: dict[str, Any], model: str, notes: list[str]) -> dict[str, Any]:
+    """One trained model's headline against the base model's: ``{view: {key: {base, trained, delta}}}``."""
     common = [name for name in base["eval_sets"] if name in trained["eval_sets"]]
     names = [*common]
     if set(base["eval_sets"]) == set(trained["eval_sets"]):
         names += ["overall", HEADLINE_VIEW]
     else:
-        notes.append("base and trained have different eval sets: the comparison covers the common ones only "
+        notes.append(f"base and {model} have different eval sets: the comparison covers the common ones only "
                      f"({', '.join(common) or 'none'}), not 'overall' nor '{HEADLINE_VIEW}'")
     out = {}
     for name in names:
@@ -289,11 +290,11 @@ def evaluate(rollouts: dict[str, dict[str, Any]], params: EvaluateParams,
         models.<model>.headline.<eval_set | overall | macro>: {K, avg@K, pass@K, maj@K, weighted_maj@K,
           best_of@K, sv_acc_correct, sv_acc_incorrect, sv_f1, sv_auroc, sv_ece, spearman_score_length};
           ``macro`` (the headline, the paper's "Avg") is the mean over eval sets, ``overall`` pools their samples
-        comparison (only with both base and trained): <eval_set | overall | macro>.<headline key>:
-          {base, trained, delta}
+        comparison (with base and at least one other model): <model>.<eval_set | overall | macro>.<headline key>:
+          {base, trained (the model's value), delta}
         headline_view: "macro"
-        run (the stage adds it): {model, train_steps, self_reward, seeds {train, rollout}, git_revision,
-          params_digest}
+        run (the stage adds it): {model, variants {<name>: {method, train_steps, train_seed}}, seeds {rollout},
+          git_revision, params_digest}
         equivalence: {pairs_checked, pairs_unjudged {timeout, error, too_long} (the stage adds it)}
 
     Conventions: k runs over 1, 2, 4, … up to the smallest sample count of a problem (plus that count when it is
@@ -318,35 +319,40 @@ def evaluate(rollouts: dict[str, dict[str, Any]], params: EvaluateParams,
         "models": out_models,
         "equivalence": {"pairs_checked": num_pairs},
     }
-    if "base" in out_models and "trained" in out_models:
-        metrics["comparison"] = _comparison(out_models["base"], out_models["trained"], notes)
+    trained = [m for m in out_models if m != "base"]
+    if "base" in out_models and trained:
+        metrics["comparison"] = {m: _comparison(out_models["base"], out_models[m], m, notes) for m in trained}
     return EvalResult(metrics=_clean(metrics), plots=_clean(_plot_rows(out_models, extras)), notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def read_rollouts(rollouts_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{model: {eval_set: pyarrow.Table}}`` from ``<rollouts_dir>/<model>/<eval_set>.parquet``."""
+def read_rollouts(rollouts_dir: str | Path, models: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{model: {eval_set: pyarrow.Table}}`` from ``<rollouts_dir>/<model>/<eval_set>.parquet`` for each of
+    ``models`` (base and the variants of params.yaml; another directory there is an earlier run's and is left
+    alone); a model without rollouts is an error naming the stage that makes them."""
     import pyarrow.parquet as pq
 
     root = Path(rollouts_dir)
     out: dict[str, dict[str, Any]] = {}
-    if root.is_dir():
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = sorted(f for f in model_dir.glob("*.parquet") if not f.name.startswith("."))
-            if files:
-                out[model_dir.name] = {f.stem: pq.read_table(f) for f in files}
-            else:
-                log.warning("%s has no .parquet files; model %r skipped", model_dir, model_dir.name)
-    if not out:
-        raise StageError(f"no rollout files found: expected {root}/<model>/<eval_set>.parquet")
+    for model in models:
+        files = sorted(f for f in (root / model).glob("*.parquet") if not f.name.startswith("."))
+        if not files:
+            stage = "rollout_base" if model == "base" else f"rollout@{model}"
+            raise StageError(f"no rollout files for model {model!r}: expected {root / model}/<eval_set>.parquet "
+                             f"(dvc repro {stage})")
+        out[model] = {f.stem: pq.read_table(f) for f in files}
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in out) if root.is_dir() else []
+    if others:
+        log.info("not evaluated (not base nor a variant in params.yaml): %s", ", ".join(others))
     return out
 
 
 def run(params: Params, _args: Any = None) -> None:
-    """Read the rollouts, evaluate them with the verifier pool as the equivalence check, write every output."""
-    rollouts = read_rollouts(params.paths.rollouts_dir)
+    """Read the rollouts of base and of every training variant, evaluate them with the verifier pool as the
+    equivalence check, write every output."""
+    rollouts = read_rollouts(params.paths.rollouts_dir, ["base", *params.variants])
     log.info("evaluating %s", {m: sorted(s) for m, s in rollouts.items()})
     unjudged: Counter[str] = Counter()
     equivalent = verifier_equivalent(params.verifier.timeout_s, params.verifier.num_workers, unjudged)
@@ -356,8 +362,10 @@ def run(params: Params, _args: Any = None) -> None:
         result.notes.append(f"answer equivalence: {sum(unjudged.values())} pair(s) could not be judged "
                             f"({dict(unjudged)}) and count as different answers in voting")
     result.metrics["run"] = run_header(params)
-    result.appendix = completions_markdown(params.paths.train_completions)  # "" when train kept none
-    write_outputs(result, params.paths, params.evaluate.threshold)
+    trained = {v: params.paths.trained(v) for v in params.variants}
+    result.appendix = "\n".join(f"### {v}\n\n{text}" for v, p in trained.items()
+                                if (text := completions_markdown(p.completions)))  # "" when train kept none
+    write_outputs(result, params.paths, params.evaluate.threshold, {v: p.curves for v, p in trained.items()})
     for model, mm in result.metrics["models"].items():
         log.info("%s %s: %s", model, HEADLINE_VIEW, mm["headline"][HEADLINE_VIEW])
     for note in result.notes:
@@ -380,8 +388,12 @@ def run_header(params: Params) -> dict[str, Any]:
     revision = git("rev-parse", "--short=12", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if revision else False
     relevant = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("paths", "flow")}
-    return {"model": params.model.name, "train_steps": params.train.steps, "self_reward": params.self_reward.enabled,
-            "seeds": {"train": params.train.seed, "rollout": params.rollout.seed},
+    variants = {}
+    for name in params.variants:
+        v = params.for_variant(name)
+        variants[name] = {"method": "LaSeR" if v.self_reward.enabled else "GRPO", "train_steps": v.train.steps,
+                          "train_seed": v.train.seed}
+    return {"model": params.model.name, "variants": variants, "seeds": {"rollout": params.rollout.seed},
             "git_revision": None if revision is None else revision + (" + uncommitted changes" if dirty else ""),
             "params_digest": hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]}
 

@@ -2,11 +2,11 @@
 
     python -m stages.package [--params params.yaml]
 
-The train stage exports ``paths.trained_model`` before anything is evaluated, so its card can only point to the
-report. This stage runs after evaluate: ``paths.release_model`` holds the same files (hard links, so the weights
-are not stored twice on disk; copies where the filesystem cannot link) and a ``README.md`` whose Results section
-carries the headline evaluation numbers of ``paths.eval_metrics`` beside the training ones. The directory appears
-complete or not at all.
+The train stage exports ``{paths.models_dir}/<package.variant>`` before anything is evaluated, so its card can
+only point to the report. This stage runs after evaluate: ``paths.release_model`` holds the same files (hard
+links, so the weights are not stored twice on disk; copies where the filesystem cannot link) and a ``README.md``
+whose Results section carries the headline evaluation numbers of ``paths.eval_metrics`` beside the training ones.
+The directory appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -34,17 +34,19 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def package(params: Params) -> Path:
     """Write ``paths.release_model`` from the export and the metrics; returns its path."""
-    paths = params.paths
-    export = Path(paths.trained_model)
+    params = params.for_variant(params.package.variant)  # the card describes the released variant's training
+    paths, trained = params.paths, params.paths.trained(params.package.variant)
+    export = Path(trained.model)
     settings = read_json(export / LASER_JSON)
     if settings is None:
-        raise StageError(f"{export / LASER_JSON} is missing: run the train stage first (dvc repro train)")
+        raise StageError(f"{export / LASER_JSON} is missing: run the train stage first "
+                         f"(dvc repro train@{params.package.variant})")
     eval_metrics = read_json(paths.eval_metrics)
     if eval_metrics is None:
         raise StageError(f"{paths.eval_metrics} is missing: run the evaluate stage first (dvc repro evaluate)")
-    train_metrics = read_json(paths.train_metrics) or {}
-    card = render_model_card(params, settings, train_metrics.get("train_problems"), train_metrics, eval_metrics,
-                             model_dir=paths.release_model)
+    train_metrics = read_json(trained.metrics) or {}
+    card = render_model_card(params, params.package.variant, settings, train_metrics.get("train_problems"),
+                             train_metrics, eval_metrics, model_dir=paths.release_model)
     with atomic_path(paths.release_model, is_dir=True) as tmp:
         for source in sorted(export.iterdir()):
             if source.is_file() and source.name != CARD_FILE:

@@ -1,9 +1,10 @@
 """Stage rollout: K verified and self-scored samples per eval problem from the base or the trained model.
 
-    python -m stages.rollout --model base|trained [--params params.yaml]
+    python -m stages.rollout --model base|<variant> [--params params.yaml]
 
 Reads ``{paths.eval_data_dir}/<eval>.parquet`` for each eval set of ``prepare.eval_sets``; the model is the base
-model (self-reward config from ``paths.ref_constant``) or ``paths.trained_model`` (its ``laser.json``). Writes
+model (self-reward config from ``paths.ref_constant``) or training variant ``<variant>``'s export
+``{paths.models_dir}/<variant>`` (its ``laser.json``). Writes
 ``{paths.rollouts_dir}/<model>/<eval>.parquet`` in the rollout schema (laser/rollouts.py), the whole directory
 atomically. The z_c log-prob comes from the generation pass itself (laser/generation.py): no second forward.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from laser.cli import stage_main
 from laser.config import Params
+from laser.errors import StageError
 from laser.io import atomic_path
 from laser.rollouts import read_problems, read_self_reward_config, rollout_rows, write_rollouts
 from laser.runtime import (
@@ -54,8 +56,13 @@ def rollout_eval_set(params: Params, generator, tokenizer, config: SelfRewardCon
 
 
 def model_source(params: Params, model: str) -> tuple[Path, SelfRewardConfig]:
-    if model == "trained":
-        return Path(params.paths.trained_model), read_self_reward_config(params.paths.trained_model)
+    """The model directory and self-reward config of ``base`` or of a training variant's export."""
+    if model != "base":
+        if model not in params.variants:
+            raise StageError(f"--model {model!r}: not 'base' nor one of params.yaml's variants "
+                             f"({', '.join(params.variants)})")
+        export = params.paths.trained(model).model
+        return Path(export), read_self_reward_config(export)
     config, noise_warning = self_reward_config(params)
     if noise_warning:
         log.warning("%s", noise_warning)
@@ -97,7 +104,7 @@ def run(params: Params, args) -> None:
 
 
 def _arguments(parser) -> None:
-    parser.add_argument("--model", choices=("base", "trained"), required=True)
+    parser.add_argument("--model", required=True, help="base, or one of params.yaml's variants (e.g. laser)")
 
 
 def main(argv=None) -> None:

@@ -1,15 +1,18 @@
 """Stage train: LaSeR (or the GRPO-only baseline) on DeepSpeed ZeRO-3, resumable, exported as an HF model.
 
-    python -m stages.train [--params params.yaml]                      # one process (CPU: gloo)
-    torchrun --nproc_per_node 2 -m stages.train                         # data parallel, CPU or GPU
-    deepspeed --num_gpus 8 --module stages.train                        # multi-GPU; add --hostfile for nodes
+    python -m stages.train --variant laser [--params params.yaml]      # one process (CPU: gloo)
+    torchrun --nproc_per_node 2 -m stages.train --variant laser         # data parallel, CPU or GPU
+    deepspeed --num_gpus 8 --module stages.train --variant laser        # multi-GPU; add --hostfile for nodes
 
-Reads ``paths.train_data``, the base model and ``paths.ref_constant`` (z_c and c_ref). Writes
-``paths.trained_model`` (safetensors + tokenizer; the self-reward and prompt settings in config.json's ``laser``
-key and in laser.json; a model card README.md: laser/model_card.py), ``paths.train_steps`` (one JSON line per step),
-``paths.train_live`` (DVCLive: per-step metrics for ``dvc plots``/``dvc exp show``) and ``paths.train_curves`` (the
-training-curve PNG; both laser/train_log.py), ``paths.train_completions`` (a few decoded samples
-per step: laser/completions.py), ``paths.train_metrics`` and checkpoints under ``paths.checkpoints`` (every
+``--variant`` names one of params.yaml's ``variants`` (its self_reward / train overrides apply: Params.for_variant).
+
+Reads ``paths.train_data``, the base model and ``paths.ref_constant`` (z_c and c_ref). Writes, for variant ``v``
+(``PathsParams.trained(v)``), ``models/v`` (safetensors + tokenizer; the self-reward and prompt settings in
+config.json's ``laser`` key and in laser.json; a model card README.md: laser/model_card.py), ``train/v/steps.jsonl``
+(one JSON line per step),
+``train/v/live`` (DVCLive: per-step metrics for ``dvc plots``/``dvc exp show``) and ``train/v/curves.png`` (the
+training-curve PNG; both laser/train_log.py), ``train/v/completions.jsonl`` (a few decoded samples per step:
+laser/completions.py), ``train/v/metrics.json`` and checkpoints under ``checkpoints/v`` (every
 ``train.checkpoint_every`` steps).
 A re-run resumes from the latest checkpoint if it was made with the same params, data and code (a fingerprint is kept
 beside the checkpoints); otherwise it starts over.
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 from laser import engine as ds
 from laser.cli import stage_main
 from laser.completions import append_completions
-from laser.config import Params
+from laser.config import Params, TrainedPaths
 from laser.engine import gathered_for_generation
 from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable
@@ -108,10 +111,11 @@ def truncate_log(steps_log: Path, last_step: int) -> None:
     atomic_write_text(steps_log, "".join(f"{line}\n" for line in kept))
 
 
-def export_model(engine, tokenizer, out_dir: Path, ref_config: SelfRewardConfig, rank: int, params: Params,
+def export_model(engine, tokenizer, variant: str, ref_config: SelfRewardConfig, rank: int, params: Params,
                  train_rows: int | None = None, train_metrics: dict | None = None) -> None:
     """Consolidated safetensors + tokenizer, the settings (config.json's ``laser`` key and laser.json) and the
-    model card, written atomically by rank 0."""
+    model card, written atomically by rank 0 to variant ``variant``'s model directory."""
+    out_dir = Path(params.paths.trained(variant).model)
     settings = export_settings(ref_config, params.prepare, params.generation)
     with gathered_for_generation(engine) as model:  # every rank joins the gather; rank 0 writes
         if rank == 0:
@@ -119,7 +123,8 @@ def export_model(engine, tokenizer, out_dir: Path, ref_config: SelfRewardConfig,
                 setattr(model.config, CONFIG_KEY, settings)  # saved into config.json: a plain HF load carries it
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                write_export_files(tmp, settings, render_model_card(params, settings, train_rows, train_metrics))
+                write_export_files(tmp, settings, render_model_card(params, variant, settings, train_rows,
+                                                                                 train_metrics))
 
 
 def final_metrics(steps_log: Path) -> dict:
@@ -142,18 +147,18 @@ def read_records(steps_log: Path) -> list[dict]:
     return [json.loads(line) for line in steps_log.read_text().splitlines()] if steps_log.exists() else []
 
 
-def check_outputs_writable(params: Params) -> None:
+def check_outputs_writable(paths: TrainedPaths) -> None:
     """Fail before step 1, not at the export after the last one, when an output cannot be written (permission
     denied, read-only filesystem: laser.cli makes it one ``error:`` line, exit 3)."""
-    paths = params.paths
-    ensure_writable(*dict.fromkeys([Path(paths.trained_model).parent, Path(paths.checkpoints),
-                                    Path(paths.train_steps).parent,
-                                    Path(paths.train_curves).parent, Path(paths.train_live),
-                                    Path(paths.train_metrics).parent, Path(paths.train_completions).parent]))
+    ensure_writable(*dict.fromkeys([Path(paths.model).parent, Path(paths.checkpoints), Path(paths.steps).parent,
+                                    Path(paths.curves).parent, Path(paths.live), Path(paths.metrics).parent,
+                                    Path(paths.completions).parent]))
 
 
-def train(params: Params) -> None:
-    check_outputs_writable(params)
+def train(params: Params, variant: str) -> None:
+    """Train variant ``variant`` of ``params`` (its overrides applied) and export it."""
+    params, paths = params.for_variant(variant), params.paths.trained(variant)
+    check_outputs_writable(paths)
     rank, world_size = ds.init_distributed()
     t = params.train
     if t.prompts_per_step % world_size or t.mini_batch_size % (world_size * t.micro_batch_size):
@@ -161,7 +166,6 @@ def train(params: Params) -> None:
         raise StageError(f"with {world_size} processes, train.prompts_per_step={t.prompts_per_step} must be a "
                          f"multiple of {world_size} and train.mini_batch_size={t.mini_batch_size} a multiple of "
                          f"{world_size} x micro_batch_size={t.micro_batch_size}")
-    paths = params.paths
     ref_config, noise_warning = self_reward_config(params)
     if noise_warning and rank == 0:
         log.warning("%s", noise_warning)
@@ -172,10 +176,10 @@ def train(params: Params) -> None:
     ref_model = None
     if params.train.kl_coef > 0:  # loaded only when the KL term is on (the paper's runs use none)
         ref_model = load_model(model_dir, params.model.dtype, params.model.trust_remote_code, engine.device)
-    steps_log, ckpt_dir = Path(paths.train_steps), Path(paths.checkpoints)
+    steps_log, ckpt_dir = Path(paths.steps), Path(paths.checkpoints)
     start = 0
     if rank == 0:
-        resumable = prepare_checkpoint_dir(ckpt_dir, steps_log, fingerprint(params, Path(paths.train_data),
+        resumable = prepare_checkpoint_dir(ckpt_dir, steps_log, fingerprint(params, Path(params.paths.train_data),
                                                                               ref_config, world_size), t.steps)
     if world_size > 1:
         torch.distributed.barrier()
@@ -186,34 +190,35 @@ def train(params: Params) -> None:
         start = client_state["step"]
         if rank == 0:
             truncate_log(steps_log, start)
-            truncate_log(Path(paths.train_completions), start)
+            truncate_log(Path(paths.completions), start)
             log.info(f"resumed from checkpoint at step {start}")
     if rank == 0 and start == 0:
         steps_log.unlink(missing_ok=True)  # a crash before the first checkpoint leaves lines to drop
-        Path(paths.train_completions).unlink(missing_ok=True)
+        Path(paths.completions).unlink(missing_ok=True)
     with open_policy_generator(params, engine, tokenizer, model_dir, params.train.seed, rank) as generator:
-        trainer = LaserTrainer(params, engine, tokenizer, read_problems(paths.train_data),
+        trainer = LaserTrainer(params, engine, tokenizer, read_problems(params.paths.train_data),
                                ref_config, rank, world_size, ref_model, generator)
-        train_steps(params, trainer, start, steps_log, ckpt_dir)
+        train_steps(params, paths, trainer, start)
     # only rank 0 writes the step log
     metrics = {**final_metrics(steps_log), "train_problems": len(trainer.problems)} if rank == 0 else None
-    export_model(engine, tokenizer, Path(paths.trained_model), ref_config, rank, params, len(trainer.problems),
+    export_model(engine, tokenizer, variant, ref_config, rank, params, len(trainer.problems),
                  metrics)
     if rank == 0:
-        render_training_curves(read_records(steps_log), paths.train_curves)
-        atomic_write_json(paths.train_metrics, metrics)
+        render_training_curves(read_records(steps_log), paths.curves)
+        atomic_write_json(paths.metrics, metrics)
     if world_size > 1:
         torch.distributed.barrier()  # every rank's work is written before any leaves the group
     ds.shutdown_distributed()
 
 
-def train_steps(params: Params, trainer: LaserTrainer, start: int, steps_log: Path, ckpt_dir: Path) -> None:
+def train_steps(params: Params, paths: TrainedPaths, trainer: LaserTrainer, start: int) -> None:
     """Steps start+1 .. train.steps: log each, checkpoint every ``train.checkpoint_every``."""
-    paths, engine, rank = params.paths, trainer.engine, trainer.rank
+    engine, rank = trainer.engine, trainer.rank
+    steps_log, ckpt_dir = Path(paths.steps), Path(paths.checkpoints)
     steps_log.parent.mkdir(parents=True, exist_ok=True)
     train_log = None
     if rank == 0:
-        train_log = TrainLog(paths.train_live)
+        train_log = TrainLog(paths.live)
         train_log.replay(read_records(steps_log))  # the steps a resumed run keeps
     bar = tqdm(range(start + 1, params.train.steps + 1), desc="train", disable=rank != 0, initial=start,
                total=params.train.steps)
@@ -221,7 +226,7 @@ def train_steps(params: Params, trainer: LaserTrainer, start: int, steps_log: Pa
         record = run_step(trainer, step)
         if rank == 0:
             append_jsonl(steps_log, record)
-            append_completions(paths.train_completions, trainer.last_completions)
+            append_completions(paths.completions, trainer.last_completions)
             train_log.log(record)  # DVCLive: `dvc plots show` draws the run so far
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", sv_f1=_fmt(record["sv_f1"]),
                             mse=_fmt(record["self_reward_mse"]))
@@ -238,7 +243,12 @@ def _fmt(value) -> str:
 
 
 def main(argv=None) -> None:
-    stage_main(lambda params, _args: train(params), __doc__.splitlines()[0], argv)
+    stage_main(lambda params, args: train(params, args.variant), __doc__.splitlines()[0], argv, _arguments,
+               log_name=lambda args: f"train-{args.variant}")
+
+
+def _arguments(parser) -> None:
+    parser.add_argument("--variant", required=True, help="one of params.yaml's variants (e.g. laser)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -36,10 +37,12 @@ def export_dir(tmp_path_factory, tiny_model_dir, repo_cache) -> Path:
     tokenizer = load_tokenizer(tiny_model_dir)
     engine = types.SimpleNamespace(module=load_model(tiny_model_dir), zero_optimization_stage=lambda: 0)
     config = SelfRewardConfig("<|z_c|>", token_id(tokenizer, "<|z_c|>"), C_REF, 0.1)
-    out = tmp_path_factory.mktemp("export") / "trained"
-    export_model(engine, tokenizer, out, config, 0, _params(repo_cache), train_rows=20,
-                 train_metrics={"steps": 8, "final_reward_mean": 0.25, "final_sv_f1": 0.5})
-    return out
+    project = tmp_path_factory.mktemp("export")
+    params = _params(repo_cache)
+    with contextlib.chdir(project):  # output paths are relative to the project root
+        export_model(engine, tokenizer, "laser", config, 0, params, train_rows=20,
+                     train_metrics={"steps": 8, "final_reward_mean": 0.25, "final_sv_f1": 0.5})
+    return project / params.paths.trained("laser").model
 
 
 @pytest.fixture(scope="module")
@@ -89,27 +92,28 @@ def test_package_links_the_export_and_writes_a_card_with_this_runs_eval_numbers(
     from stages.package import package
 
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(export_dir, "models/trained")
+    shutil.copytree(export_dir, "models/laser")
     params = _params(repo_cache)
     with pytest.raises(StageError, match=r"metrics\.json is missing: run the evaluate stage"):
         package(params)
-    assert not Path("models/laser").exists()  # nothing half-written
-    Path("train").mkdir()
-    Path("train/metrics.json").write_text(json.dumps({"steps": 8, "final_reward_mean": 0.25, "train_problems": 20}))
+    assert not Path("release").exists()  # nothing half-written
+    Path("train/laser").mkdir(parents=True)
+    Path("train/laser/metrics.json").write_text(json.dumps({"steps": 8, "final_reward_mean": 0.25,
+                                                             "train_problems": 20}))
     Path("eval").mkdir()
     Path("eval/metrics.json").write_text(json.dumps({"headline_view": "macro", "models": {
-        "trained": {"headline": {"macro": {"mean_accuracy": 0.4375, "sv_f1": 0.8125}}},
+        "laser": {"headline": {"macro": {"mean_accuracy": 0.4375, "sv_f1": 0.8125}}},
         "base": {"headline": {"macro": {"mean_accuracy": 0.3125}}}}}))
     release = package(params)
-    weights = next(Path("models/trained").glob("*.safetensors"))
+    weights = next(Path("models/laser").glob("*.safetensors"))
     assert (release / weights.name).stat().st_ino == weights.stat().st_ino  # a hard link, not a second copy
     assert json.loads((release / "config.json").read_text())["laser"]["c_ref"] == C_REF
     card = (release / "README.md").read_text()
-    for text in ("| trained | mean_accuracy | 0.438 |", "| trained | sv_f1 | 0.812 |",
-                 "| base | mean_accuracy | 0.312 |", "(20 problems)", 'laser.load("models/laser")'):
+    for text in ("| laser | mean_accuracy | 0.438 |", "| laser | sv_f1 | 0.812 |",
+                 "| base | mean_accuracy | 0.312 |", "(20 problems)", 'laser.load("release")'):
         assert text in card, text
     assert "written by the evaluate stage after this export" not in card
-    assert "eval/report.md" in Path("models/trained/README.md").read_text()  # train's export is unchanged
+    assert "eval/report.md" in Path("models/laser/README.md").read_text()  # train's export is unchanged
 
 
 # --------------------------------------------------------------------------------------------------------- score

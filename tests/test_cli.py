@@ -96,7 +96,7 @@ def test_train_checks_its_outputs_are_writable_before_step_1(tmp_path, readonly_
     (tmp_path / "models").mkdir()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"cache_dir": str(repo_cache)},
                                                           "model": {"name": "tiny-random"}}))
-    done = readonly_run([sys.executable, "-m", "stages.train", "--params", "params.yaml"], [tmp_path / "models"],
+    done = readonly_run([sys.executable, "-m", "stages.train", "--variant", "laser"], [tmp_path / "models"],
                         cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == PERMANENT_EXIT, done.stderr
     lines = done.stderr.strip().splitlines()

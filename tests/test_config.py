@@ -77,7 +77,15 @@ def test_empty_file_gives_defaults(tmp_path):
         ({"paths": {"eval_plots": "./dvc.yaml"}}, ["paths.eval_plots", "project's own files"]),
         ({"paths": {"eval_report": ".git/HEAD"}}, ["paths.eval_report", "project's own files"]),
         ({"paths": {"eval_data_dir": "data"}}, ["paths.train_data", "inside, paths.eval_data_dir = 'data'"]),
-        ({"paths": {"eval_metrics": "train/metrics.json"}}, ["paths.eval_metrics", "paths.train_metrics"]),
+        ({"paths": {"eval_metrics": "train/metrics.json"}}, ["paths.eval_metrics", "paths.train_dir"]),
+            # training variants: names, known keys, the released one exists
+            ({"variants": {"base": {}}}, ["variants.base", "not 'base'"]),
+            ({"variants": {"laser": {}, "grpo": {"self_reward": {"enabld": False}}}},
+             ["variants.grpo.self_reward.enabld", "allowed keys here"]),
+            ({"variants": {"laser": {"train": {"lr": "fast"}}}}, ["variants.laser.train.lr", "a finite number"]),
+            ({"variants": {"laser": {"rollout": {}}}}, ["variants.laser.rollout", "allowed keys here: self_reward,"]),
+            ({"variants": {"grpo": {}}}, ["package.variant", "one of the variants: grpo"]),
+            ({"variants": {}}, ["variants", "at least one training variant"]),
         ({"paths": {"cache_dir": "rollouts/cache"}}, ["paths.cache_dir", "paths.rollouts_dir = 'rollouts'"]),
     ],
 )

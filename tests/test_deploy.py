@@ -243,7 +243,8 @@ def test_smoke_pipeline_deployment_runs_on_a_process_worker(server, smoke_copy):
                      "--watch-timeout", "420"], server, timeout=480)
     assert proc.poll() is not None  # the worker stopped
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    stages = ["prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate", "package"]
+    stages = ["prepare", "ref_constant", "train@laser", "train@grpo", "rollout_base", "rollout@laser",
+              "rollout@grpo", "evaluate", "package"]
     assert (smoke_copy / "eval" / "report.md").is_file()
     (flow_run,) = _flow_runs(server, "laser-pipeline/smoke")
     assert flow_run.state.is_completed()
@@ -252,16 +253,17 @@ def test_smoke_pipeline_deployment_runs_on_a_process_worker(server, smoke_copy):
         tasks = {t.name: t for t in client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))}
         assert set(tasks) == set(stages) and all(t.state.is_completed() for t in tasks.values())
-        assert tasks["train"].tags == ["gpu"] and tasks["rollout@base"].tags == ["gpu"]
+        assert tasks["train@laser"].tags == ["gpu"] and tasks["rollout_base"].tags == ["gpu"]
         assert "gpu" not in tasks["prepare"].tags
         logs = [log.message for log in client.read_logs(log_filter=LogFilter(
-            task_run_id=LogFilterTaskRunId(any_=[tasks["train"].id])))]
-        assert any(line.startswith("[train] train: 100%") for line in logs), logs[-20:]
-        progress = Artifact.get("laser-progress-train")
-        assert progress is not None and float(progress.data) == 100.0 and progress.description == "train: train 2/2"
+            task_run_id=LogFilterTaskRunId(any_=[tasks["train@laser"].id])))]
+        assert any(line.startswith("[train@laser] train: 100%") for line in logs), logs[-20:]
+        progress = Artifact.get("laser-progress-train-laser")
+        assert progress is not None and float(progress.data) == 100.0
+        assert progress.description == "train@laser: train 2/2", progress.description
         headline = Artifact.get("laser-headline")
         rows = json.loads(headline.data)
-        assert 8 <= len(rows) <= 30 and {"base", "trained"} <= set(rows[0])
+        assert 8 <= len(rows) <= 30 and {"base", "grpo", "laser"} <= set(rows[0])
         assert Artifact.get("laser-report").data.count("data:image/png;base64,") >= 2
         from prefect.automations import Automation
 

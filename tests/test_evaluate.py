@@ -139,10 +139,10 @@ def test_evaluate_hand_values():
     assert b["self_verification"]["all"]["f1"] == 0.0
     assert b["spearman_score_length"]["rho"] is None
     assert b["spearman_score_length"]["undefined"] == "score or length is constant"
-    cmp = result.metrics["comparison"]["synthetic"]
+    cmp = result.metrics["comparison"]["trained"]["synthetic"]
     assert cmp["weighted_maj@K"]["trained"] == 1.0
     assert cmp["sv_f1"]["delta"] == pytest.approx(1.0)
-    assert set(result.metrics["comparison"]) == {"synthetic", "overall", "macro"}
+    assert set(result.metrics["comparison"]["trained"]) == {"synthetic", "overall", "macro"}
     assert set(result.plots) == {"scaling_synthetic", "score_hist", "reliability"}
     assert [r["k"] for r in result.plots["scaling_synthetic"]] == [1, 2, 4]
     assert result.plots["scaling_synthetic"][-1]["trained_weighted_maj"] == 1.0
@@ -251,11 +251,13 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     Path("params.yaml").write_text(
         "paths:\n  rollouts_dir: out/rollouts\n  eval_metrics: out/eval/metrics.json\n"
         "  eval_plots: out/eval/plots\n  eval_figures: out/eval/figures\n  eval_summary: out/eval/summary.json\n"
-        "  eval_report: out/eval/report.md\n  train_curves: out/train/curves.png\n"
+        "  eval_report: out/eval/report.md\n  train_dir: out/train\n"
+        "variants:\n  laser: {}\n  grpo: {self_reward: {enabled: false}}\n"
         "evaluate:\n  subset_seeds: 2\n  threshold: 0.5\n  ece_bins: 5\n")
     # a LaTeX answer beside a decimal one exercises the math-verify equivalence in main()'s verifier pool
     latex = {"p3": [("\\frac{1}{2}", 1, 0.8), ("0.5", 1, 0.7), ("2", 0, 0.4), ("2", 0, 0.1)]}
-    for model, problems in (("base", BASE), ("trained", {**TRAINED, **latex})):
+    # "old": an earlier run's variant, not in params.yaml: not evaluated
+    for model, problems in (("base", BASE), ("laser", {**TRAINED, **latex}), ("grpo", TRAINED), ("old", BASE)):
         for eval_set in ("setA", "set-b"):
             path = Path("out/rollouts", model, f"{eval_set}.parquet")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +271,10 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     assert metrics["run"]["git_revision"] is None  # tmp_path is not a git checkout: said so, not invented
     assert metrics["settings"]["ece_bins"] == 5
     assert metrics["equivalence"]["pairs_unjudged"] == {"timeout": 0, "error": 0, "too_long": 0}
-    assert set(metrics["models"]) == {"base", "trained"}
-    trained = metrics["models"]["trained"]
+    assert list(metrics["models"]) == ["base", "grpo", "laser"]
+    assert metrics["run"]["variants"] == {"laser": {"method": "LaSeR", "train_steps": 8, "train_seed": 0},
+                                          "grpo": {"method": "GRPO", "train_steps": 8, "train_seed": 0}}
+    trained = metrics["models"]["laser"]
     assert set(trained) == {"eval_sets", "overall", "headline"}
     assert set(trained["eval_sets"]) == {"setA", "set-b"}
     assert set(trained["headline"]) == {"setA", "set-b", "overall", "macro"}
@@ -278,7 +282,8 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     # p3: \frac{1}{2} ~ 0.5 (math-verify) gives 2 votes for the right answer against 2 for "2": the earliest wins
     assert trained["eval_sets"]["setA"]["maj@k"]["4"] == pytest.approx(2 / 3)
     assert metrics["equivalence"]["pairs_checked"] >= 1
-    assert set(metrics["comparison"]) == {"setA", "set-b", "overall", "macro"}
+    assert set(metrics["comparison"]) == {"grpo", "laser"}
+    assert set(metrics["comparison"]["laser"]) == {"setA", "set-b", "overall", "macro"}
 
     plots, figures = Path("out/eval/plots"), Path("out/eval/figures")
     names = {"scaling_setA", "scaling_set-b", "score_hist", "reliability"}
@@ -292,11 +297,20 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     for name in names:
         assert f"](figures/{name}.png)" in report
     summary = json.loads(Path("out/eval/summary.json").read_text())
-    assert set(summary) == {"base", "trained", "K"} and summary["K"] == 4
-    assert summary["trained"]["accuracy"] == trained["headline"]["macro"]["avg@K"]
-    assert set(summary["trained"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece"}
+    assert set(summary) == {"base", "grpo", "laser", "K"} and summary["K"] == 4
+    assert summary["laser"]["accuracy"] == trained["headline"]["macro"]["avg@K"]
+    assert set(summary["laser"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece"}
     assert "## Training" not in report  # no training curves in this directory: no section pointing at nothing
-    assert "## base vs trained" in report
+    assert "## base vs laser" in report and "## base vs grpo" in report
+    # the paper's main table: rows Base / GRPO / LaSeR per eval set and the macro-average
+    main = report[report.index("## Main table"):report.index("## Headline numbers")]
+    for view in ("setA", "set-b", "macro"):
+        block = main[main.index(f"**{view}**"):]
+        rows = [line.split(" | ")[0].lstrip("| ") for line in block.splitlines()[4:7]]
+        assert rows == ["Base", "GRPO (`grpo`)", "LaSeR (`laser`)"], block
+        laser_row = block.splitlines()[6]
+        macro = trained["headline"][view]
+        assert f"| {macro['avg@K']:.3f} | {macro['maj@K']:.3f} | {macro['weighted_maj@K']:.3f} |" in laser_row
     assert "params digest `" + metrics["run"]["params_digest"] in report and "unknown (not a git checkout)" in report
     assert "## 95% intervals (bootstrap over problems) and collapse" in report
     for block in (trained["overall"], trained["eval_sets"]["setA"]):

@@ -315,7 +315,7 @@ def test_headline_table_picks_macro_then_overall_and_stays_short():
     from flows.pipeline import headline_rows
 
     train = {"steps": 8, "final_reward_mean": 0.6, "final_self_reward_mse": 0.02, "last_quarter_reward_mean": 0.55}
-    rows, view = headline_rows(_eval_metrics(), train)
+    rows, view = headline_rows(_eval_metrics(), {"trained": train})  # a column per training variant
     assert view == "macro" and len(rows) <= 30
     by = {r["metric"]: r for r in rows}
     assert by["accuracy (avg@K)"] == {"metric": "accuracy (avg@K)", "base": 0.31, "trained": 0.51}
@@ -357,7 +357,7 @@ def test_report_artifact_embeds_plots_and_headline_artifact(prefect_api, tmp_pat
     @flow
     def publish():
         publish_artifacts(tmp_path, report, {"eval/metrics.json": _eval_metrics(),
-                                             "train/metrics.json": {"final_reward_mean": 0.6}}, {}, Params())
+                                             "train/laser/metrics.json": {"final_reward_mean": 0.6}}, {}, Params())
 
     publish()
     markdown = Artifact.get(REPORT_ARTIFACT).data

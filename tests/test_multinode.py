@@ -44,15 +44,15 @@ def _train_cmd(project: Path) -> str:
     from dvc.repo import Repo
 
     with Repo(str(project)) as repo:
-        return next(stage.cmd for stage in repo.index.stages if stage.name == "train")
+        return next(stage.cmd for stage in repo.index.stages if stage.name == "train@laser")
 
 
 def test_dvc_renders_the_train_launcher_from_params(tmp_path):
-    assert _train_cmd(_dvc_project(tmp_path / "default")) == "python -m stages.train"  # the old command: no rerun
+    assert _train_cmd(_dvc_project(tmp_path / "default")) == "python -m stages.train --variant laser"
     launcher = "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint head:29500"
-    assert _train_cmd(_dvc_project(tmp_path / "torchrun", launcher)) == f"{launcher} -m stages.train"
+    assert _train_cmd(_dvc_project(tmp_path / "torchrun", launcher)) == f"{launcher} -m stages.train --variant laser"
     deepspeed = "deepspeed --hostfile hosts --no_python python"
-    assert _train_cmd(_dvc_project(tmp_path / "deepspeed", deepspeed)) == f"{deepspeed} -m stages.train"
+    assert _train_cmd(_dvc_project(tmp_path / "deepspeed", deepspeed)) == f"{deepspeed} -m stages.train --variant laser"
 
 
 def _env() -> dict[str, str]:
@@ -82,11 +82,11 @@ def test_two_processes_under_the_launcher_log_the_losses_of_one(tmp_path, train_
         project = _dvc_project(tmp_path / name, launcher, overrides)
         for inputs in ("data", "ref"):
             shutil.copytree(train_workdir / inputs, project / inputs)
-        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", "train"], cwd=project, env=_env(),
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", "train@laser"], cwd=project, env=_env(),
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        assert f"> {launcher} -m stages.train" in done.stdout
-        lines = (project / "train" / "steps.jsonl").read_text().splitlines()
+        assert f"> {launcher} -m stages.train --variant laser" in done.stdout
+        lines = (project / "train" / "laser" / "steps.jsonl").read_text().splitlines()
         steps[name] = {r["step"]: r for r in map(json.loads, lines)}
     assert sorted(steps["one"]) == sorted(steps["two"]) == [1, 2]
     for step in (1, 2):

@@ -80,8 +80,8 @@ def test_only_the_library_is_installed():
 
 
 def test_reference_rollouts_do_not_depend_on_beta_v():
-    """c_ref does not depend on beta_v: changing it must not rerun ref_constant (rollout@base and train, which
+    """c_ref does not depend on beta_v: changing it must not rerun ref_constant (rollout_base and train, which
     build the self-reward config, do depend on it)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert not any(p.startswith("self_reward.beta_v") or p == "self_reward" for p in stages["ref_constant"]["params"])
-    assert "self_reward.beta_v" in stages["rollout"]["do"]["params"]
+    assert "self_reward.beta_v" in stages["rollout_base"]["params"]

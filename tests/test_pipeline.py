@@ -45,16 +45,20 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
     home.mkdir()
     done = _run([sys.executable, "-m", "flows.pipeline", "--profile", "smoke"], smoke_repo, timeout=900, home=home)
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []  # nothing written outside the project
-    for stage in ("prepare", "ref_constant", "train", "rollout@base", "rollout@trained", "evaluate", "package"):
+    for stage in ("prepare", "ref_constant", "train@laser", "train@grpo", "rollout_base", "rollout@laser",
+                  "rollout@grpo", "evaluate", "package"):
         assert re.search(rf"^\s*{re.escape(stage)}\s+ran \(", done.stdout, re.MULTILINE), stage
     metrics = json.loads((smoke_repo / "eval" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"base", "trained"}
+    assert list(metrics["models"]) == ["base", "grpo", "laser"]  # the paper's rows: Base / GRPO / LaSeR
+    assert {v: r["method"] for v, r in metrics["run"]["variants"].items()} == {"laser": "LaSeR", "grpo": "GRPO"}
+    grpo_steps = [json.loads(line) for line in (smoke_repo / "train" / "grpo" / "steps.jsonl").read_text().splitlines()]
+    assert len(grpo_steps) == 2 and all(s["self_reward_mse"] is None for s in grpo_steps)  # no self-reward loss
     assert (smoke_repo / "eval" / "report.md").read_text().count(".png") >= 2
-    laser_json = json.loads((smoke_repo / "models" / "trained" / "laser.json").read_text())
+    laser_json = json.loads((smoke_repo / "models" / "laser" / "laser.json").read_text())
     contract = {"self_reward_token", "self_reward_token_id", "c_ref", "beta_v"}
     assert contract <= set(laser_json) and set(laser_json) - contract <= {"prompt", "generation"}
-    card = (smoke_repo / "models" / "laser" / "README.md").read_text()
-    assert "| trained | avg@K |" in card  # the packaged export's card carries this run's evaluation
+    card = (smoke_repo / "release" / "README.md").read_text()
+    assert "| laser | avg@K |" in card  # the packaged export's card carries this run's evaluation
     rollout = __import__("pyarrow.parquet").parquet.read_table(smoke_repo / "rollouts" / "base" / "synthetic.parquet")
     assert {"problem_id", "z_c_logprob", "score", "verify_status", "finish_reason"} <= set(rollout.column_names)
 
@@ -78,14 +82,18 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
         assert not plots["data"][name] or f'"{label}"' in json.dumps(plots["data"][name]), name
     images = [key for key in plots["data"] if key.endswith(".png")]
     assert any("scaling_" in key for key in images) and any("score_hist" in key for key in images), images
-    assert any(key.endswith("train/curves.png") for key in images), images
+    assert any(key.endswith("train/laser/curves.png") for key in images), images
     # only the declared plots, no stray CSVs (ref/logprobs.csv: the reference log-probs of each z_c candidate)
     assert [key for key in plots["data"] if key.endswith(".csv")] == ["ref/logprobs.csv"]
     summary = json.loads((smoke_repo / "eval" / "summary.json").read_text())
-    assert set(summary["trained"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc", "sv_ece"}
-    live = (smoke_repo / "train" / "live" / "plots" / "metrics" / "train" / "reward_mean.tsv").read_text()
+    assert set(summary["laser"]) == set(summary["grpo"]) == {"accuracy", "maj", "weighted_maj", "sv_f1", "sv_auroc",
+                                                             "sv_ece"}
+    live = (smoke_repo / "train" / "laser" / "live" / "plots" / "metrics" / "train" / "reward_mean.tsv").read_text()
     assert len(live.strip().splitlines()) == 1 + 2  # header + one row per smoke step (DVCLive)
-    assert "![training curves](../train/curves.png)" in (smoke_repo / "eval" / "report.md").read_text()
+    report = (smoke_repo / "eval" / "report.md").read_text()
+    assert "![training curves: laser](../train/laser/curves.png)" in report
+    assert "![training curves: grpo](../train/grpo/curves.png)" in report
+    assert "| GRPO (`grpo`) |" in report and "| LaSeR (`laser`) |" in report  # the main table's rows
 
 
 def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
@@ -94,8 +102,19 @@ def test_changing_a_train_param_reruns_train_and_downstream_only(smoke_repo):
     (smoke_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], smoke_repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "rollout@trained", "evaluate", "package"}
-    assert "Stage 'prepare' didn't change" in out and "Stage 'rollout@base' didn't change" in out
+    assert ran == {"train@laser", "train@grpo", "rollout@laser", "rollout@grpo", "evaluate", "package"}
+    assert "Stage 'prepare' didn't change" in out and "Stage 'rollout_base' didn't change" in out
+
+
+def test_changing_one_variant_reruns_that_variant_only(smoke_repo):
+    """A variant's overrides are its own params dependency: the other variant's stages stay cached."""
+    params = yaml.safe_load((smoke_repo / "params.yaml").read_text())
+    params["variants"]["grpo"]["train"] = {"seed": 3}
+    (smoke_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], smoke_repo).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@grpo", "rollout@grpo", "evaluate", "package"}, out  # package: the eval numbers changed
+    assert "Stage 'train@laser' didn't change" in out
 
 
 def test_dvc_experiments_compare_by_their_headline_metrics(smoke_repo):
@@ -103,7 +122,7 @@ def test_dvc_experiments_compare_by_their_headline_metrics(smoke_repo):
     # 1e-5 as the README writes it: DVC writes `lr: 1e-05`, a string to YAML 1.1 (laser.config reads YAML 1.2)
     out = _run(["dvc", "exp", "run", "-S", "train.lr=1e-5", "-n", "lr1e-5"], smoke_repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "rollout@trained", "evaluate", "package"}
+    assert ran == {"train@laser", "train@grpo", "rollout@laser", "rollout@grpo", "evaluate", "package"}
     _run(["dvc", "exp", "run", "-S", "train.lr=3e-3", "-n", "lr3e-3"], smoke_repo)
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], smoke_repo).stdout)
     runs = {run["name"]: run for rev in shown for exp in rev.get("experiments") or [] for run in exp.get("revs")
@@ -112,9 +131,10 @@ def test_dvc_experiments_compare_by_their_headline_metrics(smoke_repo):
     for name in ("lr1e-5", "lr3e-3"):
         metrics = runs[name]["data"]["metrics"]
         summary = metrics["eval/summary.json"]["data"]
-        assert set(summary["trained"]) >= {"accuracy", "maj", "weighted_maj"}, name  # (null F1/AUROC: not shown)
+        assert set(summary["laser"]) >= {"accuracy", "maj", "weighted_maj"}, name  # (null F1/AUROC: not shown)
         # the headline only, not every number of eval/metrics.json or data/stats.json
-        assert set(metrics) == {"eval/summary.json", "train/metrics.json"}, sorted(metrics)
+        assert set(metrics) == {"eval/summary.json", "train/laser/metrics.json", "train/grpo/metrics.json"}, \
+            sorted(metrics)
     diff = _run(["dvc", "metrics", "diff", "lr1e-5", "lr3e-3", "--json"], smoke_repo).stdout
     assert "eval/summary.json" in json.loads(diff)
 
@@ -127,7 +147,7 @@ def test_dvc_push_then_a_fresh_clone_pulls_everything_and_nothing_reruns(smoke_r
     _run(["dvc", "push"], smoke_repo)
     _run(["git", "clone", "-q", str(smoke_repo), str(clone)], tmp_path)
     _run(["dvc", "pull"], clone)
-    assert (clone / "models" / "laser" / "README.md").is_file()
+    assert (clone / "release" / "README.md").is_file()
     status = _run(["dvc", "status", "--json"], clone).stdout
     assert json.loads(status) == {}, status
     again = _run(["dvc", "repro"], clone).stdout
@@ -142,9 +162,9 @@ def test_the_flow_runs_unchanged_with_the_vllm_backend(tmp_path_factory, tiny_mo
     profile["generation"].update(backend="vllm", vllm={"python": str(require_vllm_env()), "max_model_len": 512})
     (repo / "profiles" / "smoke.yaml").write_text(yaml.safe_dump(profile))
     _run([sys.executable, "-m", "flows.pipeline", "--profile", "smoke"], repo, timeout=900)
-    steps = [json.loads(line) for line in (repo / "train" / "steps.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (repo / "train" / "laser" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 2 and all(s["weight_sync_seconds"] > 0 for s in steps)
-    for model in ("base", "trained"):
+    for model in ("base", "laser", "grpo"):
         rows = __import__("pyarrow.parquet").parquet.read_table(
             repo / "rollouts" / model / "synthetic.parquet").to_pylist()
         assert rows and all((r["z_c_logprob"] is None) == (r["finish_reason"] == "length") for r in rows)

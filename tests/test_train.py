@@ -241,7 +241,7 @@ def train_workdir(tmp_path, tiny_model_dir, repo_cache):
 
 
 def _steps(workdir: Path) -> dict[int, dict]:
-    lines = (workdir / "train" / "steps.jsonl").read_text().splitlines()
+    lines = (workdir / "train" / "laser" / "steps.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines)}
 
 
@@ -251,24 +251,24 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
 
     uninterrupted = tmp_path_factory.mktemp("uninterrupted")
     shutil.copytree(train_workdir, uninterrupted, dirs_exist_ok=True)
-    cmd = [sys.executable, "-m", "stages.train"]
+    cmd = [sys.executable, "-m", "stages.train", "--variant", "laser"]
     subprocess.run(cmd, cwd=uninterrupted, env=stage_env(), check=True, capture_output=True)
     reference = _steps(uninterrupted)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
-    exported = uninterrupted / "models" / "trained"
+    exported = uninterrupted / "models" / "laser"
     assert (exported / "model.safetensors").exists() and (exported / "laser.json").exists()
     assert json.loads((exported / "config.json").read_text())["laser"]["c_ref"] == C_REF
     assert "laser.load(" in (exported / "README.md").read_text()
-    completions = (uninterrupted / "train" / "completions.jsonl").read_text().splitlines()
+    completions = (uninterrupted / "train" / "laser" / "completions.jsonl").read_text().splitlines()
     assert sorted({json.loads(line)["step"] for line in completions}) == [1, 2, 3, 4, 5, 6]
-    assert (uninterrupted / "logs" / "train.log").exists()
+    assert (uninterrupted / "logs" / "train-laser.log").exists()
     assert json.loads((exported / "laser.json").read_text())["c_ref"] == C_REF
-    kept = [p.name for p in (uninterrupted / "checkpoints" / "train").glob("step*")]
+    kept = [p.name for p in (uninterrupted / "checkpoints" / "laser").glob("step*")]
     assert kept and len(kept) <= TrainParams().keep_checkpoints and "step6" in kept  # older ones were pruned
 
     proc = subprocess.Popen(cmd, cwd=train_workdir, env=stage_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    latest = train_workdir / "checkpoints" / "train" / "latest"
+    latest = train_workdir / "checkpoints" / "laser" / "latest"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if latest.exists() and latest.read_text().strip() in ("step2", "step3"):
@@ -278,7 +278,7 @@ def test_stage_resumes_after_kill_with_identical_next_step(train_workdir, tmp_pa
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = int(latest.read_text().strip().removeprefix("step"))
-    assert not (train_workdir / "models" / "trained").exists()  # no half-written export
+    assert not (train_workdir / "models" / "laser").exists()  # no half-written export
 
     resumed = subprocess.run(cmd, cwd=train_workdir, env=stage_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -298,10 +298,10 @@ def test_two_processes(train_workdir, launcher):
     (train_workdir / "params.yaml").write_text(yaml.safe_dump(params))
     port = str(ds._free_port())  # port 0 hangs the static rendezvous
     cmd = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", port, "-m", "stages.train"],
+                        "--master_port", port, "-m", "stages.train", "--variant", "laser"],
            # the deepspeed launcher appends --local_rank=N to the stage's arguments
            "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                         "--master_port", port, "--module", "stages.train"]}[launcher]
+                         "--master_port", port, "--module", "stages.train", "--variant", "laser"]}[launcher]
     done = subprocess.run(cmd, cwd=train_workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = _steps(train_workdir)
@@ -309,7 +309,7 @@ def test_two_processes(train_workdir, launcher):
     assert all(r["world_size"] == 2 for r in steps.values())
     # metrics cover both ranks' samples: 2 prompts x 4 samples, each rank generating one group
     assert all(0 <= r["reward_mean"] <= 1 for r in steps.values())
-    assert (train_workdir / "models" / "trained" / "model.safetensors").exists()
+    assert (train_workdir / "models" / "laser" / "model.safetensors").exists()
 
 
 def test_checkpoint_dir_resumes_only_the_same_run_up_to_its_steps(tmp_path):
