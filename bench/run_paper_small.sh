@@ -11,6 +11,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-$here/../paper-small-run}"
 name="${2:-paper_small}"
 source "$here/scripts/env.sh"
+[ -x "$here/.venv-vllm/bin/python" ] || bash "$here/scripts/setup_vllm.sh"  # the profile's generation backend
 export PATH="$here/.venv/bin:$PATH" PYTHONPATH="$work"
 if [ ! -d "$work/.git" ]; then
   git clone -q "$here" "$work"
