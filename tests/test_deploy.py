@@ -78,8 +78,7 @@ stages:
 '''
 
 ORDER = ["a", "ref", "t", "u"]
-PARAMS = {"paths": {"train_metrics": "out/t_metrics.json", "eval_metrics": "out/metrics.json",
-                    "eval_report": "out/report.md"},
+PARAMS = {"paths": {"eval_metrics": "out/metrics.json", "eval_report": "out/report.md"},
           "flow": {"retries": 2, "retry_delay_s": 0, "retry_backoff": 1, "gpu_stages": ["t"], "gpu_tag": "toy-gpu",
                    "train_stage": "t"}}
 
