@@ -347,7 +347,8 @@ class TrainParams:
     offload_optimizer: bool = False
     optimizer: Literal["adamw", "cpu_adam"] = "adamw"
     completions_per_step: int = 2  # decoded samples kept per step in paths.train_completions (0: none)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast forward, fp32 weights/optimizer
+    # bfloat16: autocast forward, fp32 weights/optimizer; auto: bfloat16 where the hardware has it (laser.engine)
+    compute_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     logits_chunk: int = 2048  # LM-head rows at once (response positions only); more are recomputed in backward
 

@@ -6,6 +6,7 @@ Everything ``torch.distributed`` lives here and in laser/trainer.py; the core ma
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -17,7 +18,9 @@ import torch
 from laser.batch import PolicyModel
 from laser.config import TrainParams
 from laser.errors import StageError
-from laser.models import resolve_dtype
+from laser.models import resolve_compute_dtype, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -115,7 +118,9 @@ def initialize(model: torch.nn.Module, train: TrainParams, dtype: str, world_siz
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
     if train.gradient_checkpointing:  # recompute each layer in backward: activations stop dominating memory
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PolicyModel(model, train.logits_chunk, train.compute_dtype)
+    compute_dtype = resolve_compute_dtype(train.compute_dtype)
+    log.info("training forward in %s (train.compute_dtype: %s)", compute_dtype, train.compute_dtype)
+    model = PolicyModel(model, train.logits_chunk, compute_dtype)
     optimizer = build_optimizer(model, train)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,

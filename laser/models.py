@@ -15,6 +15,7 @@ Cache writes go to a temp dir renamed into place, so two racing runs both end wi
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from laser.errors import ModelError
 from laser.io import sweep_stale_temps, temp_prefix
+
+log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
@@ -224,6 +227,32 @@ def resolve_dtype(dtype: str) -> str:
     import torch
 
     return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def native_bf16() -> bool:
+    """Whether this process's training device computes bfloat16 in hardware: a CUDA GPU with bf16, or a CPU whose
+    oneDNN has bf16 kernels (AVX-512 / AVX512-BF16 / AMX). On an AVX2-only CPU bf16 autocast is emulated: a
+    forward + backward of SmolLM2-135M on 8 x 64 tokens took 187 s against 7.3 s in fp32 (AMD EPYC, 2 cores)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_compute_dtype(requested: str) -> str:
+    """``train.compute_dtype`` as the forward runs it: ``auto`` is bfloat16 where :func:`native_bf16`, else float32;
+    an explicit bfloat16 without hardware support runs as asked, with a warning naming its cost."""
+    import torch
+
+    native = native_bf16()
+    if requested == "auto":
+        return "bfloat16" if native else "float32"
+    if requested == "bfloat16" and not native:
+        log.warning("train.compute_dtype: bfloat16 on a CPU without bf16 kernels (%s): autocast is emulated, ~26x "
+                    "slower than float32 (measured on AVX2); set train.compute_dtype: auto or float32",
+                    torch.backends.cpu.get_cpu_capability())
+    return requested
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False,

@@ -216,6 +216,20 @@ def test_deepspeed_config_geometry_clipping_and_precision():
     assert ds.deepspeed_config(replace(train, grad_clip=0.5), "bfloat16", 1)["gradient_clipping"] == 0.5
 
 
+def test_compute_dtype_auto_picks_bf16_only_where_the_hardware_has_it(make_trainer, caplog):
+    from laser.models import native_bf16, resolve_compute_dtype
+
+    # this machine's answer, from oneDNN (CPU) or CUDA: AVX2-only CPUs emulate bf16 (measured 26x slower)
+    assert resolve_compute_dtype("auto") == ("bfloat16" if native_bf16() else "float32")
+    assert resolve_compute_dtype("float32") == "float32"
+    with caplog.at_level("WARNING", logger="laser.models"):
+        assert resolve_compute_dtype("bfloat16") == "bfloat16"  # as asked, never silently changed
+    warned = any("autocast is emulated" in r.getMessage() for r in caplog.records)
+    assert warned == (not native_bf16())
+    trainer = make_trainer(compute_dtype="auto")  # the engine's forward runs the resolved dtype
+    assert trainer.engine.module.compute_dtype == resolve_compute_dtype("auto")
+
+
 # --------------------------------------------------------------------------------------- the stage, as a process
 
 
