@@ -226,7 +226,7 @@ def resolve_dtype(dtype: str) -> str:
         return dtype
     import torch
 
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if torch.cuda.is_available() and native_bf16() else "float32"
 
 
 def native_bf16() -> bool:
