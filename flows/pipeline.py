@@ -113,6 +113,7 @@ from prefect.artifacts import (  # noqa: E402
 )
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
+from prefect.settings import temporary_settings  # noqa: E402
 
 from flows.dvc_output import ReproOutput  # noqa: E402
 from flows.errors import BadParamsStageError, PermanentStageError, PipelineError  # noqa: E402
@@ -765,6 +766,10 @@ sys.argv = ["uvicorn", *sys.argv[2:]]
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 CLEANUP_HINT = "pkill -f 'prefect.server.api.server:create_app'"
+# Prefect waits 20 s for that server by default; a cold start on a busy 2-core machine (imports, SQLite migrations)
+# measured 21 s, and the flow died with "Timed out while attempting to connect to ephemeral Prefect API server".
+# A default only: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, when set, wins.
+EPHEMERAL_STARTUP_TIMEOUT_S = 120
 
 
 class _WatchedPopen(subprocess.Popen):
@@ -869,8 +874,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _end_ephemeral_server_with_this_process()
     try:
-        summary = laser_pipeline(profile=args.profile, force=args.force, params_file=args.params_file,
-                                 repo_root=args.repo_root, max_parallel=args.parallel)
+        with temporary_settings(set_defaults={"server.ephemeral.startup_timeout_seconds": EPHEMERAL_STARTUP_TIMEOUT_S}):
+            summary = laser_pipeline(profile=args.profile, force=args.force, params_file=args.params_file,
+                                     repo_root=args.repo_root, max_parallel=args.parallel)
     except (ParamsError, ValueError, PipelineError) as err:
         print(f"\nlaser-pipeline failed:\n{err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1

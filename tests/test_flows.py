@@ -485,13 +485,16 @@ def test_killed_flow_takes_its_ephemeral_api_server_with_it(cli_project):
     import time
 
     root, env = cli_project
-    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--repo-root", str(root)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = root.parent / "flow.log"
+    with log.open("wb") as sink:
+        flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--repo-root", str(root)], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
     stage_pid, servers = None, []
     try:
         deadline = time.monotonic() + 180
         while not (root / "hold.pid").exists():  # the stage runs: the flow run (and its API server) are up
-            assert flow.poll() is None and time.monotonic() < deadline, "the flow did not reach its stage"
+            assert flow.poll() is None and time.monotonic() < deadline, \
+                f"the flow did not reach its stage:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
         stage_pid = int((root / "hold.pid").read_text())
         servers = [pid for pid, cmd in _children(flow.pid).items() if "create_app" in cmd]
