@@ -8,12 +8,13 @@ optimizer step) through the trainer's own ``train_on`` (the same loss maths):
   laser_fp32_full_head : ZeRO-3, fp32, the LM head on every position (the implementation before the lean head)
   laser_fp32 / grpo_fp32 : ZeRO-3, fp32, the head on response positions + the slot only (self-reward loss on/off)
   laser_bf16 / grpo_bf16 : ZeRO-3, bf16 autocast (fp32 weights and AdamW state)
-  laser_bf16_gc          : ZeRO-3, bf16, gradient checkpointing (train.gradient_checkpointing)
+  laser_bf16_gc / laser_fp32_gc : ZeRO-3, gradient checkpointing (train.gradient_checkpointing)
   bare_fp32 / bare_bf16  : no DeepSpeed: the same PolicyModel, loss and clipping, plain torch.optim.AdamW (floor)
 
 Each mode runs in a fresh process (one warm-up step, then ``--steps`` timed), which also gives its peak resident
-set size (ru_maxrss). The FLOP floor is 6 · parameters · tokens (forward + backward). The peer (TRL's
-GRPOTrainer, a full step with generation) is bench/bench_peer.py. Writes bench/results/train_step.json.
+set size (ru_maxrss) and the resident set after engine start-up (weights, optimizer state: what no step frees).
+The FLOP floor is 6 · parameters · tokens (forward + backward). The peer (TRL's GRPOTrainer, a full step with
+generation) is bench/bench_peer.py. Writes bench/results/train_step.json (``--out``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from laser.score import SelfRewardConfig  # noqa: E402
 from laser.trainer import LaserTrainer, Rollout  # noqa: E402
 
 MODES = ("laser_fp32_full_head", "laser_fp32", "grpo_fp32", "bare_fp32", "laser_bf16", "grpo_bf16", "bare_bf16",
-         "laser_bf16_gc")
+         "laser_bf16_gc", "laser_fp32_gc")
 PROMPT_TOKENS, ROWS, MICRO = 64, 16, 8  # micro-batch 8: the main job's train.micro_batch_size
 
 
@@ -148,13 +149,23 @@ def precision_gap(model_name: str, length: int) -> dict:
             "score_abs_diff_max": beta_v * float(z_c_gap.max()), "beta_v": beta_v}
 
 
+def resident_mb() -> float:
+    """The resident set now (VmRSS), MB; ru_maxrss is only the peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def child(model_name: str, mode: str, length: int, steps: int) -> dict:
     trainer = make_trainer(model_name, mode)
+    after_init = resident_mb()
     rollout = fixed_rollout(trainer, length)
     _, first = step_seconds(trainer, rollout)  # warm-up (and the loss at the same weights for every mode)
     seconds = [step_seconds(trainer, rollout)[0] for _ in range(steps)]
     return {"seconds": seconds, "median_seconds": statistics.median(seconds),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_init_mb": after_init, "rss_after_steps_mb": resident_mb(),
             "first_step_pg_loss": first["pg_loss"], "first_step_self_reward_mse": first.get("self_reward_mse")}
 
 

@@ -52,6 +52,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+REDUCE_BUCKET_ELEMENTS = 2 * 10**7
+
+
 def deepspeed_config(train: TrainParams, dtype: str, world_size: int) -> dict:
     """The DeepSpeed config for ``train`` (ZeRO stage, precision, batch geometry, clipping, offload)."""
     micro = train.micro_batch_size
@@ -60,8 +63,11 @@ def deepspeed_config(train: TrainParams, dtype: str, world_size: int) -> dict:
     if train.zero_stage == 3:
         # Persistent parameters stay whole on every rank (no gather per forward). A world of 1 has nothing to
         # partition, so all are; otherwise DeepSpeed's default (tensors under 1e5 elements: norms, biases).
+        # The reduce bucket is an fp32 copy of the gradients up to its size, allocated whole: DeepSpeed's 5e8
+        # elements hold all 135M gradients a second time; 2e7 (80 MB) measured -330 MB peak RSS on the bench batch.
         zero.update(stage3_gather_16bit_weights_on_model_save=True,
-                    stage3_param_persistence_threshold=10**12 if world_size == 1 else 10**5)
+                    stage3_param_persistence_threshold=10**12 if world_size == 1 else 10**5,
+                    reduce_bucket_size=REDUCE_BUCKET_ELEMENTS)
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {

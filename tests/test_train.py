@@ -211,6 +211,8 @@ def test_deepspeed_config_geometry_clipping_and_precision():
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (4, 2)
     assert config["train_batch_size"] == 16 and config["zero_optimization"]["stage"] == 3
     assert config["gradient_clipping"] == 0.0  # null grad_clip: DeepSpeed's "off"
+    # the reduce bucket (a whole fp32 gradient copy up to its size) stays far below the parameter count
+    assert config["zero_optimization"]["reduce_bucket_size"] == ds.REDUCE_BUCKET_ELEMENTS < 10**8
     assert config["bf16"]["enabled"] == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert ds.deepspeed_config(replace(train, grad_clip=0.5), "bfloat16", 1)["bf16"]["enabled"]
     assert ds.deepspeed_config(replace(train, grad_clip=0.5), "bfloat16", 1)["gradient_clipping"] == 0.5
