@@ -766,9 +766,9 @@ sys.argv = ["uvicorn", *sys.argv[2:]]
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 CLEANUP_HINT = "pkill -f 'prefect.server.api.server:create_app'"
-# Prefect waits 20 s for that server by default; a cold start on a busy 2-core machine (imports, SQLite migrations)
-# measured 21 s, and the flow died with "Timed out while attempting to connect to ephemeral Prefect API server".
-# A default only: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, when set, wins.
+# Prefect waits 20 s for that server by default; a cold start on a 2-core machine (imports, SQLite migrations)
+# measured 21 s, past which the flow fails with "Timed out while attempting to connect to ephemeral Prefect API
+# server" (the likely cause of a CI failure). A default only: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS wins.
 EPHEMERAL_STARTUP_TIMEOUT_S = 120
 
 

@@ -52,6 +52,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# ZeRO-3's reduce bucket is allocated whole and gradients are copied into it: at DeepSpeed's default (5e8
+# elements) it held all 135M fp32 gradients a second time. 2e7 (80 MB fp32): -330 MB peak RSS in a one-step probe
+# on the bench batch (bench/results/train_step_memory.json has the breakdown after the change).
 REDUCE_BUCKET_ELEMENTS = 2 * 10**7
 
 
@@ -63,8 +66,6 @@ def deepspeed_config(train: TrainParams, dtype: str, world_size: int) -> dict:
     if train.zero_stage == 3:
         # Persistent parameters stay whole on every rank (no gather per forward). A world of 1 has nothing to
         # partition, so all are; otherwise DeepSpeed's default (tensors under 1e5 elements: norms, biases).
-        # The reduce bucket is an fp32 copy of the gradients up to its size, allocated whole: DeepSpeed's 5e8
-        # elements hold all 135M gradients a second time; 2e7 (80 MB) measured -330 MB peak RSS on the bench batch.
         zero.update(stage3_gather_16bit_weights_on_model_save=True,
                     stage3_param_persistence_threshold=10**12 if world_size == 1 else 10**5,
                     reduce_bucket_size=REDUCE_BUCKET_ELEMENTS)
