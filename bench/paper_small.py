@@ -10,7 +10,9 @@ the workspace and evaluates them all with this checkout's ``stages.evaluate`` (t
 intervals over problems, the collapse verdict), and ``train/<v>/steps.jsonl`` for the per-step curves (batch
 self-verification AUROC and F1, reward) of every variant. Writes the table (rows Base / GRPO / LaSeR: accuracy
 avg@K, maj@K, weighted maj@K, paper-F1, AUROC, ECE) with a header naming the model, steps, seeds, the git
-revision and params digest. ``--combine``: per-seed result files -> the mean (and range) per method.
+revision and params digest. ``--add-model NAME=METRICS:MODEL`` (with ``--run``) adds a row from another run's
+evaluate ``metrics.json`` (as that run evaluated it; the row records its source), for a seed whose variants ran
+in different clones. ``--combine``: per-seed result files -> the mean (and range) per method.
 """
 
 from __future__ import annotations
@@ -71,14 +73,16 @@ def evaluate_models(run: Path, params) -> dict:
     unjudged: Counter = Counter()
     equivalent = verifier_equivalent(params.verifier.timeout_s, params.verifier.num_workers, unjudged)
     result = evaluate(rollouts, params.evaluate, equivalent=equivalent)
-    out = {}
-    for name, mm in result.metrics["models"].items():
-        head = mm["headline"]["macro"]
-        overall = mm["overall"]
-        out[name] = {**{column: head[key] for column, key in HEADLINE.items()},
-                     "ci95": overall["ci95"], "sv_collapse": overall["sv_collapse"],
-                     "sv_auroc_answered": overall["self_verification"]["answered"]["auroc"]}
-    return out
+    return {name: table_row(mm) for name, mm in result.metrics["models"].items()}
+
+
+def table_row(model_metrics: dict) -> dict:
+    """One model's entry of evaluate's metrics.json ``models`` -> its row of the table."""
+    head = model_metrics["headline"]["macro"]
+    overall = model_metrics["overall"]
+    return {**{column: head[key] for column, key in HEADLINE.items()},
+            "ci95": overall["ci95"], "sv_collapse": overall["sv_collapse"],
+            "sv_auroc_answered": overall["self_verification"]["answered"]["auroc"]}
 
 
 HEADLINE = {"accuracy": "avg@K", "maj": "maj@K", "weighted_maj": "weighted_maj@K", "sv_f1": "sv_f1",
@@ -89,10 +93,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def collect(run: Path, out: Path, name: str) -> None:
+def added_row(spec: str) -> tuple[str, dict]:
+    """``NAME=METRICS:MODEL`` -> (NAME, the row of MODEL in another run's evaluate metrics.json)."""
+    try:
+        name, rest = spec.split("=", 1)
+        path, model = rest.rsplit(":", 1)
+    except ValueError:
+        raise SystemExit(f"--add-model {spec!r}: expected NAME=METRICS_JSON:MODEL, e.g. "
+                         "laser=bench/results/paper_small_seed1_laser/metrics.json:trained") from None
+    models = json.loads(Path(path).read_text())["models"]
+    if model not in models:
+        raise SystemExit(f"--add-model {spec!r}: {path} has no model {model!r} (it has {sorted(models)})")
+    return name, {**table_row(models[model]), "source": f"{path} ({model}), as that run's evaluate wrote it"}
+
+
+def collect(run: Path, out: Path, name: str, added: list[str] = ()) -> None:
     params = load_params(run / "params.yaml")
     variants = {v: params.for_variant(v) for v in params.variants}
     table = evaluate_models(run, params)
+    for spec in added:
+        model, row = added_row(spec)
+        if model in table:
+            raise SystemExit(f"--add-model {spec!r}: {model!r} is already a model of {run}")
+        table[model] = row
     curves = {v: read_jsonl(run / params.paths.trained(v).steps) for v in variants}
     train = {v: json.loads((run / params.paths.trained(v).metrics).read_text()) for v in variants}
     params_text = (run / "params.yaml").read_text()
@@ -152,11 +175,13 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="a checkout where dvc repro ran the paper-small profile")
     source.add_argument("--combine", type=Path, nargs="+", help="result files of runs at different seeds")
+    parser.add_argument("--add-model", action="append", default=[], metavar="NAME=METRICS:MODEL",
+                        help="with --run: a row from another run's evaluate metrics.json")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="paper_small", help="results file stem: <out>/<name>.json/.png")
     args = parser.parse_args()
     if args.run:
-        collect(args.run, args.out, args.name)
+        collect(args.run, args.out, args.name, args.add_model)
     else:
         combine(args.combine, args.out, args.name)
 
