@@ -28,6 +28,8 @@ def describe_exit(code: int) -> str:
             return f"killed by signal {-code}"
     if code == 137:
         return "exit code 137 (SIGKILL: out of memory?)"
+    if code == 143:
+        return "exit code 143 (SIGTERM: the stage was stopped)"
     return f"exit code {code}"
 
 

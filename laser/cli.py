@@ -7,6 +7,10 @@ to one clear line and an exit code the flow uses to decide on a retry:
   denied or a read-only filesystem): one ``error: ...`` line;
 - anything else (an unexpected exception exits 1 with its traceback, a signal, OOM): possibly transient.
 
+SIGTERM (a flow's or DVC's kill, a scheduler's preemption) becomes ``SystemExit(143)``: the stage unwinds as on an
+exception, so ``finally`` blocks and context managers run (a vLLM engine is stopped and its weight copy in
+/dev/shm removed, temporary files are discarded) instead of the process vanishing mid-way.
+
 ``--local_rank`` is accepted and ignored: the ``deepspeed`` launcher appends it, and the rank is read from the
 environment (``LOCAL_RANK``) as under ``torchrun``.
 
@@ -17,9 +21,12 @@ Logging (laser/logs.py): ``-v``/``-q`` (or ``LASER_LOG_LEVEL``) set the level; a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 from laser.config import Params, load_params
 from laser.errors import BAD_PARAMS_EXIT, PERMANENT_EXIT, ParamsError, PermanentError
@@ -52,6 +59,12 @@ def stage_main(run: Callable[[Params, argparse.Namespace], None], description: s
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    with _term_as_exit():
+        _run_stage(run, args, log_name)
+
+
+def _run_stage(run: Callable[[Params, argparse.Namespace], None], args: argparse.Namespace,
+               log_name: str | Callable[[argparse.Namespace], str] | None) -> None:
     try:
         params = load_params(args.params)
         name = log_name(args) if callable(log_name) else log_name or _stage_name(run)
@@ -70,6 +83,24 @@ def stage_main(run: Callable[[Params, argparse.Namespace], None], description: s
             raise  # may be transient (disk full, a network filesystem): the traceback, and the flow retries
         print(f"error: {message}", file=sys.stderr)
         sys.exit(PERMANENT_EXIT)
+
+
+@contextlib.contextmanager
+def _term_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) (the shell's code for a TERM kill, which the flow retries) while the stage
+    runs; the previous handler is back afterwards (a stage's main() called in-process, as tests do)."""
+    if threading.current_thread() is not threading.main_thread():  # Python accepts handlers only there
+        yield
+        return
+
+    def exit_on_term(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stage_name(run: Callable) -> str | None:

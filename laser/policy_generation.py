@@ -67,8 +67,10 @@ class VLLMPolicyGenerator:
         return self.vllm.generate(prompts, num_samples, sampling, probe_token_ids=probe_token_ids, seeds=seeds)
 
     def close(self) -> None:
-        self.vllm.close()
+        # the model-sized copy in RAM goes first: stopping the engine may wait (up to 30 s) on a worker that a
+        # killed run's KILL then interrupts
         shutil.rmtree(self.sync_dir, ignore_errors=True)
+        self.vllm.close()
 
 
 @contextlib.contextmanager

@@ -195,7 +195,14 @@ def main() -> None:
         protocol.write(json.dumps(message) + "\n")
         protocol.flush()
 
-    serve(sys.stdin, reply)
+    try:
+        serve(sys.stdin, reply)
+    except BrokenPipeError:
+        # the trainer reading the replies is gone (killed): nothing is left to answer. Point the protocol fd at
+        # /dev/null so the interpreter's final flush does not raise the same error again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), protocol.fileno())
+        print("vllm_worker: the process reading replies closed the pipe; stopping", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
-import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stage_env
 
 from laser.cli import stage_main
 from laser.errors import BAD_PARAMS_EXIT, PERMANENT_EXIT, ModelError, SourceError, StageError, VerifierError
@@ -84,12 +86,6 @@ def test_help_says_missing_sections_take_defaults(capsys):
     assert "missing section or key takes its default" in " ".join(capsys.readouterr().out.split())
 
 
-def stage_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def test_train_checks_its_outputs_are_writable_before_step_1(tmp_path, readonly_run, repo_cache):
     """A read-only models/ used to fail only at the export after the last step: now train stops before it loads
     anything (no inputs exist here at all), exit 3 with one line naming the directory."""
@@ -103,3 +99,33 @@ def test_train_checks_its_outputs_are_writable_before_step_1(tmp_path, readonly_
     assert lines[-1].startswith("error: ") and "models" in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "train" / "steps.jsonl").exists()
+
+
+def test_term_unwinds_the_stage_so_its_cleanup_runs(tmp_path):
+    """A TERM (a flow's kill, a preemption) raises SystemExit(143) inside the stage: its ``finally`` blocks run
+    (the train stage's /dev/shm weight copy, a vLLM engine), where the default action ended the process there."""
+    scratch = tmp_path / "scratch"
+    script = f"""
+import time
+from pathlib import Path
+from laser.cli import stage_main
+
+def run(params, args):
+    scratch = Path({str(scratch)!r})
+    scratch.write_text("model-sized")
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    finally:
+        scratch.unlink()
+
+stage_main(run, "test", ["--params", {_params_file(tmp_path)!r}])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=stage_env())
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert not scratch.exists(), "the stage's finally block did not run"
+    assert "Traceback" not in err

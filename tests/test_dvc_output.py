@@ -51,3 +51,4 @@ def test_a_killed_stage_or_a_failing_dvc_is_retried():
 
 def test_describe_exit():
     assert describe_exit(-15) == "killed by SIGTERM" and describe_exit(137).startswith("exit code 137 (SIGKILL")
+    assert describe_exit(143).startswith("exit code 143 (SIGTERM")  # laser.cli: a stage unwinds on TERM

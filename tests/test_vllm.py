@@ -127,6 +127,17 @@ def test_a_missing_vllm_environment_names_the_setup_command(tmp_path):
         VLLMWorker(VLLMParams(python=str(tmp_path / "nowhere" / "python")))
 
 
+def test_the_worker_stops_quietly_when_its_reader_is_gone():
+    """A killed trainer closes the worker's reply pipe: the worker's next reply ends it with one line, exit 1,
+    not a BrokenPipeError traceback (two, with the error reply it then tried)."""
+    worker = subprocess.Popen([SETTINGS.python, "-m", "laser.vllm_worker"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stage_env())
+    worker.stdout.close()  # the reader is gone
+    _, err = worker.communicate(json.dumps({"op": "no-such-op"}) + "\n", timeout=300)
+    assert worker.returncode == 1, err[-3000:]
+    assert "closed the pipe" in err and "Traceback" not in err, err[-3000:]
+
+
 def test_after_a_sync_the_engine_scores_with_the_trainers_current_weights(tiny_model_dir, tokenizer, hf_model,
                                                                           tmp_path):
     """A real ZeRO-3 engine takes an optimizer step; the colocated vLLM engine, synced, gives the new weights'
@@ -184,7 +195,9 @@ def _one_step_raising_z_c(engine, completions, z_c: int) -> None:
 @pytest.mark.slow
 def test_train_and_rollout_stages_with_the_vllm_backend(tmp_path, tiny_model_dir, tokenizer, repo_cache):
     """`python -m stages.train` with generation.backend vllm: the policy's rollouts come from the colocated
-    engine (weights pushed every step), the run exports a model; then the rollout stage scores it with vLLM."""
+    engine (weights pushed every step); a TERM after step 1 stops it cleanly (exit 143, engine stopped, the
+    weight copy gone from the sync directory), the rerun resumes and exports a model; then the rollout stage
+    scores it with vLLM."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -201,16 +214,21 @@ def test_train_and_rollout_stages_with_the_vllm_backend(tmp_path, tiny_model_dir
         {"token": "<|z_c|>", "token_id": z_c, "mean": -11.5, "std": 0.5, "min": -12.5, "max": -10.5}]}))
     params = {"paths": {"cache_dir": str(repo_cache)}, "model": {"name": "tiny-random"},
               "self_reward": {"token": "<|z_c|>", "warmup_rl_steps": 0},
-              "generation": {"backend": "vllm", "max_new_tokens": 40, "vllm": _settings_dict()},
+              "generation": {"backend": "vllm", "max_new_tokens": 40,
+                             "vllm": {**_settings_dict(), "weight_sync_dir": str(tmp_path / "shm")}},
               "rollout": {"samples_per_problem": 2},
               "train": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "mini_batch_size": 8,
                         "micro_batch_size": 4, "lr": 1e-3, "checkpoint_every": 1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    steps_log = tmp_path / "train" / "laser" / "steps.jsonl"
+    _terminate_after_step_1(tmp_path, tmp_path / "checkpoints" / "laser" / "latest")
+    assert not any((tmp_path / "shm").iterdir()), "the killed run left its weight copy in the sync directory"
     train = subprocess.run([sys.executable, "-m", "stages.train", "--variant", "laser"], cwd=tmp_path,
                            env=stage_env(), capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stderr[-3000:]
+    assert "resumed from checkpoint at step" in train.stdout + train.stderr
     assert "Failed to load weights" not in train.stdout + train.stderr  # the expected reload warnings are filtered
-    steps = [json.loads(line) for line in (tmp_path / "train" / "laser" / "steps.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in steps_log.read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
     assert all(s["weight_sync_seconds"] > 0 and s["num_tokens_generated"] > 0 for s in steps)
     assert (tmp_path / "models" / "laser" / "model.safetensors").exists()
@@ -221,3 +239,26 @@ def test_train_and_rollout_stages_with_the_vllm_backend(tmp_path, tiny_model_dir
     assert len(rows) == 2 * len(problems)
     for row in rows:
         assert (row["z_c_logprob"] is None) == (row["finish_reason"] == "length")
+
+
+def _terminate_after_step_1(run_dir: Path, latest_checkpoint: Path) -> None:
+    """Start the train stage, TERM it once step 1 is checkpointed (checkpoint_every 1), and check it stopped as a
+    stopped stage should: exit 143, no traceback, its vLLM worker gone with it."""
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--variant", "laser"], cwd=run_dir,
+                            env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not latest_checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "train ended or stalled before step 1"
+        time.sleep(1)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"left running after the stage stopped: {[p.cmdline()[:3] for p in alive]}"
+
