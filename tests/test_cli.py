@@ -6,7 +6,6 @@ import errno
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,8 +13,6 @@ from conftest import stage_env
 
 from laser.cli import stage_main
 from laser.errors import BAD_PARAMS_EXIT, PERMANENT_EXIT, ModelError, SourceError, StageError, VerifierError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params_file(tmp_path, text: str = "train:\n  lr: 0.001\n"):
