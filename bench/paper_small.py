@@ -93,8 +93,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def added_row(spec: str) -> tuple[str, dict]:
-    """``NAME=METRICS:MODEL`` -> (NAME, the row of MODEL in another run's evaluate metrics.json)."""
+def added_row(spec: str) -> tuple[str, dict, Path]:
+    """``NAME=METRICS:MODEL`` -> (NAME, the row of MODEL in another run's evaluate metrics.json, its path)."""
     try:
         name, rest = spec.split("=", 1)
         path, model = rest.rsplit(":", 1)
@@ -104,19 +104,22 @@ def added_row(spec: str) -> tuple[str, dict]:
     models = json.loads(Path(path).read_text())["models"]
     if model not in models:
         raise SystemExit(f"--add-model {spec!r}: {path} has no model {model!r} (it has {sorted(models)})")
-    return name, {**table_row(models[model]), "source": f"{path} ({model}), as that run's evaluate wrote it"}
+    row = {**table_row(models[model]), "source": f"{path} ({model}), as that run's evaluate wrote it"}
+    return name, row, Path(path)
 
 
 def collect(run: Path, out: Path, name: str, added: list[str] = ()) -> None:
     params = load_params(run / "params.yaml")
     variants = {v: params.for_variant(v) for v in params.variants}
     table = evaluate_models(run, params)
+    curves = {v: read_jsonl(run / params.paths.trained(v).steps) for v in variants}
     for spec in added:
-        model, row = added_row(spec)
+        model, row, metrics = added_row(spec)
         if model in table:
             raise SystemExit(f"--add-model {spec!r}: {model!r} is already a model of {run}")
         table[model] = row
-    curves = {v: read_jsonl(run / params.paths.trained(v).steps) for v in variants}
+        if (steps := metrics.with_name("steps.jsonl")).exists():  # that run's step log, when kept beside
+            curves[model] = read_jsonl(steps)
     train = {v: json.loads((run / params.paths.trained(v).metrics).read_text()) for v in variants}
     params_text = (run / "params.yaml").read_text()
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=run, capture_output=True, text=True).stdout.strip()
