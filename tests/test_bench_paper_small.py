@@ -31,8 +31,8 @@ def model_metrics(accuracy: float, auroc: float, answered_auroc: float) -> dict:
 def test_added_row_is_the_other_runs_row_with_its_source(paper_small, tmp_path):
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"models": {"trained": model_metrics(0.42, 0.815, 0.784)}}))
-    name, row = paper_small.added_row(f"laser={metrics}:trained")
-    assert name == "laser"
+    name, row, path = paper_small.added_row(f"laser={metrics}:trained")
+    assert name == "laser" and path == metrics
     assert row["accuracy"] == 0.42 and row["weighted_maj"] == pytest.approx(0.44)
     assert row["sv_auroc"] == 0.815 and row["sv_auroc_answered"] == 0.784
     assert str(metrics) in row["source"]
