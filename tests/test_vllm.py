@@ -248,15 +248,18 @@ def _terminate_after_step_1(run_dir: Path, latest_checkpoint: Path) -> None:
 
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--variant", "laser"], cwd=run_dir,
-                            env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "terminated-train.log"  # a file, not a pipe: vLLM's output could fill a pipe nobody reads yet
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--variant", "laser"], cwd=run_dir,
+                                env=stage_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 600
     while not latest_checkpoint.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "train ended or stalled before step 1"
         time.sleep(1)
     workers = psutil.Process(proc.pid).children(recursive=True)
     proc.terminate()
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     _, alive = psutil.wait_procs(workers, timeout=30)
