@@ -10,9 +10,10 @@ the workspace and evaluates them all with this checkout's ``stages.evaluate`` (t
 intervals over problems, the collapse verdict), and ``train/<v>/steps.jsonl`` for the per-step curves (batch
 self-verification AUROC and F1, reward) of every variant. Writes the table (rows Base / GRPO / LaSeR: accuracy
 avg@K, maj@K, weighted maj@K, paper-F1, AUROC, ECE) with a header naming the model, steps, seeds, the git
-revision and params digest. ``--add-model NAME=METRICS:MODEL`` (with ``--run``) adds a row from another run's
-evaluate ``metrics.json`` (as that run evaluated it; the row records its source), for a seed whose variants ran
-in different clones. ``--combine``: per-seed result files -> the mean (and range) per method.
+revision and params digest. ``--add-model NAME=FILE:MODEL`` (with ``--run``) adds a row from another run, for a
+seed whose variants ran in different clones: FILE is that run's evaluate ``metrics.json`` or a result file this
+script wrote (``bench/results/<name>.json``); the row is taken as that run evaluated it and records its source.
+``--combine``: per-seed result files -> the mean (and range) per method.
 """
 
 from __future__ import annotations
@@ -94,18 +95,29 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def added_row(spec: str) -> tuple[str, dict, Path]:
-    """``NAME=METRICS:MODEL`` -> (NAME, the row of MODEL in another run's evaluate metrics.json, its path)."""
+    """``NAME=FILE:MODEL`` -> (NAME, the row of MODEL in FILE, FILE). FILE is an evaluate metrics.json (its
+    ``models``) or a result file of this script (its ``table``, rows already in table form)."""
     try:
         name, rest = spec.split("=", 1)
         path, model = rest.rsplit(":", 1)
     except ValueError:
-        raise SystemExit(f"--add-model {spec!r}: expected NAME=METRICS_JSON:MODEL, e.g. "
+        raise SystemExit(f"--add-model {spec!r}: expected NAME=FILE:MODEL, e.g. "
                          "laser=bench/results/paper_small_seed1_laser/metrics.json:trained") from None
-    models = json.loads(Path(path).read_text())["models"]
-    if model not in models:
-        raise SystemExit(f"--add-model {spec!r}: {path} has no model {model!r} (it has {sorted(models)})")
-    row = {**table_row(models[model]), "source": f"{path} ({model}), as that run's evaluate wrote it"}
-    return name, row, Path(path)
+    data = json.loads(Path(path).read_text())
+    if "models" in data:
+        rows = {m: table_row(mm) for m, mm in data["models"].items()}
+    elif "table" in data:
+        rows = data["table"]
+    else:
+        raise SystemExit(f"--add-model {spec!r}: {path} is neither an evaluate metrics.json (no 'models') nor a "
+                         "result file of bench/paper_small.py (no 'table')")
+    if model not in rows:
+        raise SystemExit(f"--add-model {spec!r}: {path} has no model {model!r} (it has {sorted(rows)})")
+    row = rows[model]
+    source = f"{path} ({model}), as that run evaluated it"
+    if "source" in row:  # a row that file took from a third run: keep the chain back to it
+        source += f"; there from {row['source']}"
+    return name, {**row, "source": source}, Path(path)
 
 
 def collect(run: Path, out: Path, name: str, added: list[str] = ()) -> None:
@@ -178,8 +190,8 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="a checkout where dvc repro ran the paper-small profile")
     source.add_argument("--combine", type=Path, nargs="+", help="result files of runs at different seeds")
-    parser.add_argument("--add-model", action="append", default=[], metavar="NAME=METRICS:MODEL",
-                        help="with --run: a row from another run's evaluate metrics.json")
+    parser.add_argument("--add-model", action="append", default=[], metavar="NAME=FILE:MODEL",
+                        help="with --run: a row from another run's evaluate metrics.json or result file")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="paper_small", help="results file stem: <out>/<name>.json/.png")
     args = parser.parse_args()

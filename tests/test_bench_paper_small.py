@@ -38,8 +38,24 @@ def test_added_row_is_the_other_runs_row_with_its_source(paper_small, tmp_path):
     assert str(metrics) in row["source"]
     with pytest.raises(SystemExit, match=r"has no model 'laser'.*trained"):
         paper_small.added_row(f"laser={metrics}:laser")
-    with pytest.raises(SystemExit, match="expected NAME=METRICS_JSON:MODEL"):
+    with pytest.raises(SystemExit, match="expected NAME=FILE:MODEL"):
         paper_small.added_row(str(metrics))
+
+
+def test_added_row_from_a_result_file_keeps_its_row_and_source_chain(paper_small, tmp_path):
+    table = {"grpo": paper_small.table_row(model_metrics(0.58, 0.48, 0.48)),
+             "laser": {**paper_small.table_row(model_metrics(0.42, 0.815, 0.784)), "source": "elsewhere.json"}}
+    result = tmp_path / "paper_small_seed1.json"
+    result.write_text(json.dumps({"header": {}, "table": table}))
+    name, row, path = paper_small.added_row(f"grpo={result}:grpo")
+    assert name == "grpo" and path == result
+    assert {k: v for k, v in row.items() if k != "source"} == table["grpo"]
+    assert str(result) in row["source"]
+    _, row, _ = paper_small.added_row(f"laser={result}:laser")
+    assert row["sv_auroc"] == 0.815 and row["source"].endswith("there from elsewhere.json")
+    (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
+    with pytest.raises(SystemExit, match=r"neither an evaluate metrics\.json"):
+        paper_small.added_row(f"grpo={tmp_path / 'other.json'}:grpo")
 
 
 def test_combine_averages_each_method_over_the_seed_files(paper_small, tmp_path):
