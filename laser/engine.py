@@ -43,7 +43,18 @@ def shutdown_distributed() -> None:
     """Leave the process group. Without it a gloo rank can abort at interpreter exit ("terminate called without
     an active exception": its threads outlive the objects they use), failing a run whose work is all done."""
     if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()
+        _unlink_shm_allreduce_buffer(rank)
+
+
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """Remove this rank's segment of DeepSpeed's CPU shared-memory all-reduce. DeepSpeed creates it when all
+    ranks are local (its launcher sets LOCAL_SIZE) and never unlinks it: each run left one workspace per rank in
+    RAM-backed /dev/shm. Every peer mapped it at start-up, so unlinking at the end breaks no one."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")  # DeepSpeed's shm.cpp: SHM_BUFFER_NAME_uid_addr_port_rank
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _free_port() -> int:

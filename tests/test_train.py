@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -326,6 +327,8 @@ def test_two_processes(train_workdir, launcher):
     # metrics cover both ranks' samples: 2 prompts x 4 samples, each rank generating one group
     assert all(0 <= r["reward_mean"] <= 1 for r in steps.values())
     assert (train_workdir / "models" / "laser" / "model.safetensors").exists()
+    # DeepSpeed's launcher turns on its /dev/shm all-reduce; its per-rank segments are gone after the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def test_checkpoint_dir_resumes_only_the_same_run_up_to_its_steps(tmp_path):
