@@ -9,6 +9,7 @@ writes the merged result back to ``params.yaml`` (as ``dvc exp run -S`` does), s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -507,13 +508,33 @@ class Params:
         if name not in self.variants:
             raise ParamsError(f"params: no training variant {name!r}; variants: {', '.join(self.variants)}")
         self_reward, train = self._variant_sections(name)
-        return dataclasses.replace(self, self_reward=self_reward, train=train)
+        # Not dataclasses.replace: it would rerun __post_init__, checking every *other* variant's overrides over
+        # this variant's sections instead of the shared ones. Each section here was validated by build().
+        view = copy.copy(self)
+        object.__setattr__(view, "self_reward", self_reward)
+        object.__setattr__(view, "train", train)
+        return view
 
     def _variant_sections(self, name: str) -> tuple[SelfRewardParams, TrainParams]:
         overrides, where = self.variants[name], f"variants.{name}"
-        return (build(SelfRewardParams, {**dataclasses.asdict(self.self_reward), **overrides.self_reward},
-                      f"{where}.self_reward"),
-                build(TrainParams, {**dataclasses.asdict(self.train), **overrides.train}, f"{where}.train"))
+        for key in SHARED_SELF_REWARD_KEYS:
+            if key in overrides.self_reward:
+                raise ParamsError(f"params: {where}.self_reward.{key} cannot differ per variant: the ref_constant "
+                                  f"stage, shared by all variants, picks z_c/z_i from the shared self_reward.{key}; "
+                                  "set it there (or run the other value as its own experiment)")
+        try:
+            return (build(SelfRewardParams, {**dataclasses.asdict(self.self_reward), **overrides.self_reward},
+                          f"{where}.self_reward"),
+                    build(TrainParams, {**dataclasses.asdict(self.train), **overrides.train}, f"{where}.train"))
+        except ParamsError as err:
+            if where in str(err):
+                raise
+            # a cross-field check names the section's own key (train.mini_batch_size); say whose values they are
+            raise ParamsError(f"{err} (in {where}: its overrides over the shared sections)") from None
+
+
+# What the shared ref_constant stage reads of self_reward: a variant cannot change them.
+SHARED_SELF_REWARD_KEYS = ("token", "incorrect_token", "loss")
 
 
 # ------------------------------------------------------------------------------------------------------ typed build
@@ -642,7 +663,7 @@ def load_params(path: str | Path = "params.yaml", profile: str | Path | None = N
     try:
         return build(Params, data)
     except ParamsError as err:
-        raise ParamsError(f"{path}: {err}") from None
+        raise ParamsError(f"{path}{f' + profile {profile}' if profile is not None else ''}: {err}") from None
 
 
 def apply_profile(params_path: str | Path, profile_path: str | Path) -> Params:
@@ -650,6 +671,9 @@ def apply_profile(params_path: str | Path, profile_path: str | Path) -> Params:
     from laser.io import atomic_write_text
 
     merged = deep_merge(read_yaml(params_path), read_yaml(profile_path))
-    params = build(Params, merged)
+    try:
+        params = build(Params, merged)
+    except ParamsError as err:
+        raise ParamsError(f"{params_path} + profile {profile_path}: {err}") from None
     atomic_write_text(params_path, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True, width=120))
     return params

@@ -86,6 +86,13 @@ def test_empty_file_gives_defaults(tmp_path):
             ({"variants": {"laser": {"rollout": {}}}}, ["variants.laser.rollout", "allowed keys here: self_reward,"]),
             ({"variants": {"grpo": {}}}, ["package.variant", "one of the variants: grpo"]),
             ({"variants": {}}, ["variants", "at least one training variant"]),
+            # a cross-field check inside a variant says it is the variant's values
+            ({"variants": {"laser": {}, "big": {"train": {"prompts_per_step": 3}}}},
+             ["train.mini_batch_size", "divisor of prompts_per_step * group_size = 12", "(in variants.big:"]),
+            # what the shared ref_constant stage reads cannot differ per variant
+            ({"variants": {"laser": {}, "b": {"self_reward": {"token": "<|x|>"}}}},
+             ["variants.b.self_reward.token cannot differ per variant", "ref_constant"]),
+            ({"variants": {"laser": {"self_reward": {"loss": "sft"}}}}, ["variants.laser.self_reward.loss"]),
         ({"paths": {"cache_dir": "rollouts/cache"}}, ["paths.cache_dir", "paths.rollouts_dir = 'rollouts'"]),
     ],
 )
@@ -165,9 +172,25 @@ def test_apply_profile_merges_and_validates(tmp_path):
     assert params.train.steps == 2 and params.train.lr == 1e-5
     assert yaml.safe_load(params_path.read_text())["train"] == {"steps": 2, "lr": 1e-5}
     profile.write_text(yaml.safe_dump({"train": {"steps": 0}}))
-    with pytest.raises(ParamsError, match=r"train\.steps"):
+    with pytest.raises(ParamsError, match=r"train\.steps") as err:
         apply_profile(params_path, profile)
+    assert f"profile {profile}" in str(err.value)  # the profile holds the bad value, not params.yaml alone
     assert yaml.safe_load(params_path.read_text())["train"]["steps"] == 2  # untouched on failure
+    with pytest.raises(ParamsError, match=f"{params_path} \\+ profile {profile}: .*train\\.steps"):
+        load_params(params_path, profile)
+
+
+def test_a_variant_view_checks_its_own_overrides_only(tmp_path):
+    """for_variant applies one variant's overrides; the other variants' overrides, valid over the shared
+    sections, are not re-checked against this variant's (k2's batch geometry broke p8's before)."""
+    params = load_params(_write(tmp_path, {"variants": {
+        "laser": {}, "k2": {"train": {"group_size": 2, "mini_batch_size": 8}},
+        "p8": {"train": {"prompts_per_step": 8, "mini_batch_size": 32}}}}))
+    k2, p8 = params.for_variant("k2"), params.for_variant("p8")
+    assert (k2.train.group_size, k2.train.mini_batch_size, k2.train.prompts_per_step) == (2, 8, 4)
+    assert (p8.train.prompts_per_step, p8.train.mini_batch_size, p8.train.group_size) == (8, 32, 4)
+    assert params.train == load_params(_write(tmp_path, {})).train  # the shared sections are unchanged
+    assert k2.variants == params.variants and k2.paths == params.paths
 
 
 def test_dataclass_defaults_are_params_yaml():
