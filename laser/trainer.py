@@ -265,7 +265,8 @@ def rollout_metrics(rollout: Rollout, threshold: float = 0.5) -> dict:
         return float(values.mean()) if len(values) else None
 
     return {
-        "reward_mean": float(rollout.rewards.mean()),
+        # over the judged samples: an unjudged one (verifier timeout/error) has no reward, it is counted below
+        "reward_mean": mean_or_none(rollout.rewards[rollout.judged]),
         "finished_frac": float(rollout.finished.float().mean()),
         "response_length": float(lengths.mean()),
         "sv_acc_correct": sv["acc_correct"], "sv_acc_incorrect": sv["acc_incorrect"], "sv_f1": sv["f1"],

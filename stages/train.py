@@ -140,7 +140,10 @@ def final_metrics(steps_log: Path) -> dict:
     return {"steps": last["step"], **{f"final_{k}": last.get(k) for k in keys},
             **{f"last_quarter_{k}": tail_mean(k) for k in keys},
             "gen_seconds_total": sum(r["gen_seconds"] for r in records),
-            "train_seconds_total": sum(r["train_seconds"] for r in records)}
+            "train_seconds_total": sum(r["train_seconds"] for r in records),
+            # samples the verifier could not judge (left out of the rewards above, never scored 0)
+            "verify_timeouts_total": sum(r.get("verify_timeouts", 0) for r in records),
+            "verify_errors_total": sum(r.get("verify_errors", 0) for r in records)}
 
 
 def read_records(steps_log: Path) -> list[dict]:
@@ -228,7 +231,7 @@ def train_steps(params: Params, paths: TrainedPaths, trainer: LaserTrainer, star
             append_jsonl(steps_log, record)
             append_completions(paths.completions, trainer.last_completions)
             train_log.log(record)  # DVCLive: `dvc plots show` draws the run so far
-            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", sv_f1=_fmt(record["sv_f1"]),
+            bar.set_postfix(reward=_fmt(record["reward_mean"]), sv_f1=_fmt(record["sv_f1"]),
                             mse=_fmt(record["self_reward_mse"]))
         if step % params.train.checkpoint_every == 0 or step == params.train.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})

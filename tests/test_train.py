@@ -356,8 +356,24 @@ def test_step_log_self_verification_counts_judged_samples_only():
     assert (m["sv_acc_correct"], m["sv_acc_incorrect"]) == (0.5, 1.0)  # 0.8 on the unjudged one is not checked
     assert m["sv_f1"] == pytest.approx(2 / 3)
     assert m["score_mean_incorrect"] == pytest.approx(0.2) and m["score_mean_correct"] == pytest.approx(0.6)
-    assert m["verify_timeouts"] == 1 and m["reward_mean"] == 0.5
+    # the unjudged sample has no reward (its 0.0 is a placeholder): counted, not averaged in as wrong
+    assert m["verify_timeouts"] == 1 and m["reward_mean"] == pytest.approx(2 / 3)
     assert m["sv_auroc"] == 1.0  # both correct scores (0.9, 0.3) above the judged incorrect one (0.2)
+    unjudged = Rollout([[1]] * 2, [[2, 3]] * 2, torch.ones(2, dtype=torch.bool), torch.zeros(2), torch.zeros(2),
+                       {"error": 2}, torch.zeros(2, dtype=torch.bool))
+    assert rollout_metrics(unjudged)["reward_mean"] is None and rollout_metrics(unjudged)["verify_errors"] == 2
+
+
+def test_final_metrics_total_the_unjudged_samples(tmp_path):
+    from stages.train import final_metrics
+
+    log = tmp_path / "steps.jsonl"
+    records = [{"step": s, "reward_mean": r, "gen_seconds": 1.0, "train_seconds": 2.0, "verify_timeouts": t,
+                "verify_errors": e} for s, r, t, e in ((1, 0.5, 1, 0), (2, None, 0, 2), (3, 0.75, 0, 0))]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    m = final_metrics(log)
+    assert m["verify_timeouts_total"] == 1 and m["verify_errors_total"] == 2
+    assert m["final_reward_mean"] == 0.75 and m["train_seconds_total"] == 6.0
 
 
 def test_step_log_self_verification_leaves_truncated_samples_out():
