@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from laser.errors import ModelError
-from laser.model_card import CONFIG_KEY, LASER_JSON, SELF_REWARD_KEYS
+from laser.model_card import CONFIG_KEY, LASER_JSON, self_reward_config_from
 
 log = logging.getLogger("laser.api")
 
@@ -83,25 +83,12 @@ def _self_reward_from(data: Any, where: str):
     """A :class:`laser.score.SelfRewardConfig` from the laser.json keys, or from the base model's
     ref/ref_constant.json (its candidates' statistics: z_c chosen by laser.runtime.self_reward_config with the
     default params' β_v and headroom margin)."""
-    from laser.score import SelfRewardConfig
-
-    if not isinstance(data, dict):
-        raise ModelError(f"{where}: the self-reward settings are not a JSON object")
-    if "candidates" in data and "self_reward_token_id" not in data:  # a ref_constant.json
+    if isinstance(data, dict) and "candidates" in data and "self_reward_token_id" not in data:  # a ref_constant.json
         from laser.config import Params
         from laser.runtime import self_reward_config
 
         return self_reward_config(Params(), reference=data)[0]
-    missing = [k for k in SELF_REWARD_KEYS if k not in data]
-    if missing:
-        raise ModelError(f"{where}: the self-reward settings lack {missing} (they need {list(SELF_REWARD_KEYS)})")
-    try:
-        z_i = None if data.get("incorrect_token_id") is None else int(data["incorrect_token_id"])
-        return SelfRewardConfig(str(data["self_reward_token"]), int(data["self_reward_token_id"]),
-                                float(data["c_ref"]), float(data["beta_v"]), kind="mse" if z_i is None else "sft",
-                                z_i_id=z_i)
-    except (TypeError, ValueError) as err:
-        raise ModelError(f"{where}: bad self-reward settings ({err})") from None
+    return self_reward_config_from(data, where)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

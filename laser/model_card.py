@@ -22,10 +22,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from laser.config import GenerationParams, Params, PrepareParams
+from laser.errors import ModelError
 from laser.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from laser.score import SelfRewardConfig  # imports torch: `import laser.api` stays light without it
 
 CONFIG_KEY = "laser"  # the key of config.json that holds the settings
 LASER_JSON = "laser.json"
@@ -44,11 +48,36 @@ def prompt_settings(prepare: PrepareParams) -> dict[str, Any]:
 def export_settings(self_reward_config, prepare: PrepareParams, generation: GenerationParams) -> dict[str, Any]:
     """The dict stored under ``config.json[CONFIG_KEY]`` and as ``laser.json``. ``self_reward_config``: a
     :class:`laser.score.SelfRewardConfig` (z_c, its id, c_ref, β_v; z_i for the SFT ablation)."""
-    from laser.rollouts import laser_json
-
     return {**laser_json(self_reward_config), "prompt": prompt_settings(prepare),
             "generation": {"temperature": generation.temperature, "top_p": generation.top_p,
                            "max_new_tokens": generation.max_new_tokens}}
+
+
+def self_reward_config_from(data: object, where: str) -> SelfRewardConfig:
+    """The laser.json keys (``SELF_REWARD_KEYS``; ``loss`` and, for the sft ablation, ``incorrect_token_id``)
+    -> a :class:`SelfRewardConfig`; a :class:`ModelError` naming ``where`` and what is wrong otherwise. The one
+    reader of that contract: the rollout stage and ``laser.load`` both come here."""
+    from laser.score import SelfRewardConfig
+
+    if not isinstance(data, dict):
+        raise ModelError(f"{where}: the self-reward settings are not a JSON object")
+    missing = [k for k in SELF_REWARD_KEYS if k not in data]
+    if missing:
+        raise ModelError(f"{where}: the self-reward settings lack {missing} (they need {list(SELF_REWARD_KEYS)})")
+    try:
+        z_i = None if data.get("incorrect_token_id") is None else int(data["incorrect_token_id"])
+        kind = data.get("loss", "mse" if z_i is None else "sft")  # exports before "loss" was written: inferred
+        return SelfRewardConfig(str(data["self_reward_token"]), int(data["self_reward_token_id"]),
+                                float(data["c_ref"]), float(data["beta_v"]), kind=kind, z_i_id=z_i)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{where}: bad self-reward settings ({err})") from None
+
+
+def laser_json(config: SelfRewardConfig) -> dict:
+    """The ``laser.json`` contract keys of ``config``: SELF_REWARD_KEYS, the loss kind, z_i's id for sft."""
+    data = {"self_reward_token": config.z_c_token, "self_reward_token_id": config.z_c_id, "c_ref": config.c_ref,
+            "beta_v": config.beta_v, "loss": config.kind}
+    return data if config.z_i_id is None else {**data, "incorrect_token_id": config.z_i_id}
 
 
 def write_export_files(out_dir: str | Path, settings: dict[str, Any], card: str) -> None:

@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 
 from laser.errors import StageError
 from laser.io import atomic_path, atomic_write_json
+from laser.model_card import LASER_JSON, laser_json, self_reward_config_from
 from laser.score import SelfRewardConfig
-
-LASER_JSON = "laser.json"
 
 ROLLOUT_SCHEMA = pa.schema([
     ("problem_id", pa.string()),
@@ -41,12 +40,8 @@ ROLLOUT_SCHEMA = pa.schema([
 ])
 
 
-_LASER_JSON_KEYS = ("self_reward_token", "self_reward_token_id", "c_ref", "beta_v")  # the README's contract
-
-
 def read_self_reward_config(path: str | Path) -> SelfRewardConfig:
-    """From an exported model's ``laser.json`` (the model dir or the file itself); ``incorrect_token_id``, when
-    present, makes it the sft ablation's config."""
+    """From an exported model's ``laser.json`` (the model dir or the file itself)."""
     path = Path(path)
     if path.is_dir():
         path = path / LASER_JSON
@@ -55,19 +50,9 @@ def read_self_reward_config(path: str | Path) -> SelfRewardConfig:
     except FileNotFoundError:
         raise StageError(f"{path}: self-reward config not found (the train stage exports it beside the model; "
                          "for the base model it comes from the ref_constant stage)") from None
-    missing = [k for k in _LASER_JSON_KEYS if k not in data]
-    if missing:
-        raise StageError(f"{path}: missing keys {missing} (a laser.json needs {list(_LASER_JSON_KEYS)})")
-    z_i = data.get("incorrect_token_id")
-    return SelfRewardConfig(data["self_reward_token"], data["self_reward_token_id"], data["c_ref"], data["beta_v"],
-                            kind="mse" if z_i is None else "sft", z_i_id=z_i)
-
-
-def laser_json(config: SelfRewardConfig) -> dict:
-    """The ``laser.json`` contract keys of ``config``."""
-    data = {"self_reward_token": config.z_c_token, "self_reward_token_id": config.z_c_id, "c_ref": config.c_ref,
-            "beta_v": config.beta_v}
-    return data if config.z_i_id is None else {**data, "incorrect_token_id": config.z_i_id}
+    except json.JSONDecodeError as err:
+        raise StageError(f"{path}: not valid JSON ({err})") from None
+    return self_reward_config_from(data, str(path))
 
 
 def write_self_reward_config(model_dir: str | Path, config: SelfRewardConfig) -> None:

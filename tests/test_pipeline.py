@@ -56,7 +56,8 @@ def test_flow_runs_every_stage_then_dvc_finds_nothing_stale(smoke_repo, tmp_path
     assert (smoke_repo / "eval" / "report.md").read_text().count(".png") >= 2
     laser_json = json.loads((smoke_repo / "models" / "laser" / "laser.json").read_text())
     contract = {"self_reward_token", "self_reward_token_id", "c_ref", "beta_v"}
-    assert contract <= set(laser_json) and set(laser_json) - contract <= {"prompt", "generation"}
+    assert contract <= set(laser_json) and set(laser_json) - contract <= {"loss", "prompt", "generation"}
+    assert laser_json["loss"] == "mse"  # the mode is written, not implied by a missing z_i
     card = (smoke_repo / "release" / "README.md").read_text()
     assert "| laser | avg@K |" in card  # the packaged export's card carries this run's evaluation
     rollout = __import__("pyarrow.parquet").parquet.read_table(smoke_repo / "rollouts" / "base" / "synthetic.parquet")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from laser.errors import StageError
+from laser.errors import ModelError, StageError
 from laser.generation import Completion
 from laser.rollouts import (
     ROLLOUT_SCHEMA,
@@ -26,7 +26,7 @@ def test_laser_json_round_trip_and_scores(tmp_path):
     config = SelfRewardConfig("<z>", 7, c_ref=-23.0, beta_v=0.1)
     write_self_reward_config(tmp_path, config)
     assert json.loads((tmp_path / "laser.json").read_text()) == {
-        "self_reward_token": "<z>", "self_reward_token_id": 7, "c_ref": -23.0, "beta_v": 0.1}
+        "self_reward_token": "<z>", "self_reward_token_id": 7, "c_ref": -23.0, "beta_v": 0.1, "loss": "mse"}
     assert read_self_reward_config(tmp_path) == config
     assert config.probe_token_ids == [7]
     assert config.score({7: -18.0}) == pytest.approx(0.5)
@@ -39,11 +39,22 @@ def test_laser_json_round_trip_and_scores(tmp_path):
         SelfRewardConfig("<z>", 7, -23.0, 0.1, kind="sft")
     write_self_reward_config(tmp_path, sft)
     assert read_self_reward_config(tmp_path / "laser.json") == sft
+    assert json.loads((tmp_path / "laser.json").read_text())["loss"] == "sft"  # the mode is written, not implied
+    older = {k: v for k, v in json.loads((tmp_path / "laser.json").read_text()).items() if k != "loss"}
+    (tmp_path / "laser.json").write_text(json.dumps(older))
+    assert read_self_reward_config(tmp_path) == sft  # an export from before "loss": inferred from z_i
 
 
 def test_laser_json_missing_key_is_named(tmp_path):
     (tmp_path / "laser.json").write_text(json.dumps({"self_reward_token": "<z>", "c_ref": -1.0}))
-    with pytest.raises(StageError, match="self_reward_token_id"):
+    with pytest.raises(ModelError, match="self_reward_token_id"):
+        read_self_reward_config(tmp_path)
+    (tmp_path / "laser.json").write_text('{"self_reward_token": ')
+    with pytest.raises(StageError, match="not valid JSON"):
+        read_self_reward_config(tmp_path)
+    (tmp_path / "laser.json").write_text(json.dumps({"self_reward_token": "<z>", "self_reward_token_id": 7,
+                                                     "c_ref": -23.0, "beta_v": 0.1, "loss": "sfx"}))
+    with pytest.raises(ModelError, match=r"bad self-reward settings.*sfx"):
         read_self_reward_config(tmp_path)
     with pytest.raises(StageError, match="ref_constant"):
         read_self_reward_config(tmp_path / "nope")
