@@ -139,10 +139,12 @@ class _SetBuilder:
         self.rejects.append({"set": self.name, "file": self.label, "line": line, "reason": reason,
                              "detail": detail, **extra})
 
-    def take(self, stream: Iterator[Row | Reject], want: int, exclude: dict[str, _Exclusion]) -> list[Row] | None:
-        """Up to ``want`` valid rows from ``stream`` whose keys are not excluded; None once it is exhausted."""
+    def take(self, stream: Iterator[Row | Reject], want: int, exclude: dict[str, _Exclusion],
+             max_read: int | None = None) -> list[Row] | None:
+        """Up to ``want`` valid rows from ``stream`` whose keys are not excluded, reading at most ``max_read``
+        items (an endless generator whose rows are all excluded would fill nothing); None once it is exhausted."""
         batch: list[Row] = []
-        for item in stream:
+        for read, item in enumerate(stream, 1):
             self.read += 1
             if isinstance(item, Reject):
                 self.reject(item.line, item.reason, item.detail)
@@ -151,7 +153,7 @@ class _SetBuilder:
                 self.reject(item.line, hit.reason, f"same problem as {hit.other!r}", bad=False, overlaps=hit.other)
             else:
                 batch.append(item)
-            if len(batch) == want:
+            if len(batch) == want or read == max_read:
                 return batch
         return batch or None
 
@@ -197,14 +199,23 @@ class _SetBuilder:
         return stats
 
 
+def _removed_note(stats: dict[str, Any]) -> str:
+    removed = sum(stats["held_out_removed"].values())
+    return (f"; {removed} more repeated a held-out problem ({stats['held_out_removed']}): the source's problems are "
+            "mostly the eval sets' (widen it, e.g. prepare.train's max_operand / operators, or shrink the eval "
+            "sets)") if removed else ""
+
+
 def _excluded(row: Row, exclude: dict[str, _Exclusion]) -> _Exclusion | None:
     return next((exclude[key] for key in sorted(row.keys()) if key in exclude), None)
 
 
-def _hopeless(rejected: int, target: int, params: PrepareParams) -> bool:
+def _hopeless(rejected: int, removed: int, target: int, params: PrepareParams) -> bool:
     """True once an endless source's rejects exceed the limit even if every later row were kept (or, with no
-    limit, exceed ten times the set): it stops instead of reading forever, and prepare() fails."""
-    return rejected > params.max_reject_fraction * (target + rejected) or rejected > 10 * target + _BATCH
+    limit, exceed ten times the set), or its held-out removals exceed ten times the set (the generator's space is
+    mostly the eval sets'): it stops instead of reading forever, and prepare() fails."""
+    return (rejected > params.max_reject_fraction * (target + rejected) or rejected > 10 * target + _BATCH
+            or removed > 10 * target + _BATCH)
 
 
 def _build_set(set_name: str, source: SourceParams, params: PrepareParams, tokenizer,
@@ -215,11 +226,14 @@ def _build_set(set_name: str, source: SourceParams, params: PrepareParams, token
     builder = _SetBuilder(set_name, source_label(source))
     stream = read_source(source, set_name.removeprefix("eval/"))
     while target is None or len(builder.rows) < target:
-        batch = builder.take(stream, _BATCH if target is None else min(_BATCH, target - len(builder.rows)), exclude)
+        batch = builder.take(stream, _BATCH if target is None else min(_BATCH, target - len(builder.rows)), exclude,
+                             max_read=_BATCH if source.kind == "synthetic" else None)
         if batch is None:
             break
-        builder.admit(batch, source, params, tokenizer)
-        if source.kind == "synthetic" and _hopeless(sum(builder.reasons.values()), target, params):
+        if batch:  # empty: a synthetic read whose rows were all held out
+            builder.admit(batch, source, params, tokenizer)
+        if source.kind == "synthetic" and _hopeless(sum(builder.reasons.values()), sum(builder.removed.values()),
+                                                    target, params):
             break  # an endless source whose rows keep failing (every prompt too long, say) would never fill the set
     return PreparedSet(set_name, builder.rows, builder.stats(source, target), builder.rejects), builder.keys
 
@@ -265,14 +279,14 @@ def prepare(params: PrepareParams, tokenizer) -> PreparedData:
         s = prepared.stats
         if s["rows"] == 0:
             errors.append(f"{prepared.name} ({s['source']}): no usable rows (read {s['rows_read']}, rejected "
-                          f"{s['rejected_by_reason'] or 'none'})")
+                          f"{s['rejected_by_reason'] or 'none'}{_removed_note(s)})")
         elif s["reject_fraction"] > params.max_reject_fraction:
             errors.append(f"{prepared.name} ({s['source']}): {s['rejected']} of {s['rows_read']} rows rejected "
                           f"({s['reject_fraction']:.1%} > prepare.max_reject_fraction "
                           f"{params.max_reject_fraction:.1%}): {s['rejected_by_reason']}")
         elif s["kind"] == "synthetic" and s.get("short_by"):  # a generator never runs out: it was stopped
             errors.append(f"{prepared.name} ({s['source']}): stopped {s['short_by']} rows short after "
-                          f"{s['rejected']} rejected rows: {s['rejected_by_reason']}")
+                          f"{s['rejected']} rejected rows: {s['rejected_by_reason']}{_removed_note(s)}")
     totals: Counter[str] = Counter()
     for prepared in all_sets:
         totals.update(prepared.stats["rejected_by_reason"])

@@ -343,6 +343,21 @@ def test_synthetic_source_with_too_many_rejects_stops_short_and_fails(tiny_token
     assert any(e.startswith("train") for e in data.errors), data.errors
 
 
+def test_synthetic_train_whose_every_problem_is_held_out_stops_and_says_why(tiny_tokenizer):
+    """One-digit sums, nearly all of them in the eval set. Before, prepare read the generator until the few
+    problems left filled the set (with none left, forever: each row removed, memory growing); now it stops after
+    ten sets' worth of removals and names the overlap."""
+    space = dict(kind="synthetic", min_digits=1, max_digits=1, max_operand=9, max_operations=1, operators=["+"],
+                 word_fraction=0.0)
+    params = small(train=SourceParams(num_problems=20, seed=3, **space),
+                   eval_sets={"all": SourceParams(num_problems=300, split="test", seed=4, **space)})
+    data = prepare(params, tiny_tokenizer)
+    train = data.stats["sets"]["train"]
+    assert train["rows"] < 20 and train["short_by"] == 20 - train["rows"]
+    assert 10 * 20 < sum(train["held_out_removed"].values()) <= 10 * 20 + 2 * _BATCH
+    assert any(e.startswith("train") and "repeated a held-out problem" in e and "widen" in e for e in data.errors)
+
+
 def test_parquet_source_with_int_answers(tmp_path, tiny_tokenizer):
     path = tmp_path / "aime.parquet"
     pq.write_table(pa.table({"id": [60, 61], "problem": ["Find x.", "Find y."], "answer": [204, 25]}), path)
