@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -63,8 +64,8 @@ def _positive_int(text: str) -> int:
 
 def _temperature(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: a temperature is >= 0 (0: greedy)")
+    if not 0 <= value < math.inf:  # also nan, which compares false to everything and would reach the sampler
+        raise argparse.ArgumentTypeError(f"{value}: a temperature is a finite number >= 0 (0: greedy)")
     return value
 
 

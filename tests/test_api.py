@@ -220,6 +220,9 @@ def test_a_model_without_self_reward_settings_is_one_clear_error(tiny_model_dir,
     assert code == 3 and err.count("\n") == 1 and "does not exist" in err
     code, _out, err = _console(["solve", "--model", tiny_model_dir, "--k", 0, "x"], capsys)
     assert code == 2 and err.count("\n") == 1 and "at least 1 sample" in err
+    for bad in ("nan", "inf", "-0.5"):  # nan compared false to "< 0" and reached the sampler
+        code, _out, err = _console(["solve", "--model", tiny_model_dir, "--temperature", bad, "x"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "a finite number >= 0" in err, (bad, err)
 
 
 def test_any_hf_model_scores_with_a_self_reward_config_file(tiny_model_dir, tiny_tokenizer, tmp_path):
