@@ -106,11 +106,11 @@ def added_row(spec: str) -> tuple[str, dict, Path]:
     data = json.loads(Path(path).read_text())
     if "models" in data:
         rows = {m: table_row(mm) for m, mm in data["models"].items()}
-    elif "table" in data:
+    elif "table" in data and "runs" not in data:  # a --combine output holds per-method ranges, not rows
         rows = data["table"]
     else:
         raise SystemExit(f"--add-model {spec!r}: {path} is neither an evaluate metrics.json (no 'models') nor a "
-                         "result file of bench/paper_small.py (no 'table')")
+                         "one-run result file of bench/paper_small.py (a 'table' of rows, not a --combine output)")
     if model not in rows:
         raise SystemExit(f"--add-model {spec!r}: {path} has no model {model!r} (it has {sorted(rows)})")
     row = rows[model]

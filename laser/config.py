@@ -519,7 +519,7 @@ class Params:
         overrides, where = self.variants[name], f"variants.{name}"
         for key in SHARED_SELF_REWARD_KEYS:
             if key in overrides.self_reward:
-                raise ParamsError(f"params: {where}.self_reward.{key} cannot differ per variant: the ref_constant "
+                raise ParamsError(f"params: {where}.self_reward.{key} cannot be set per variant: the ref_constant "
                                   f"stage, shared by all variants, picks z_c/z_i from the shared self_reward.{key}; "
                                   "set it there (or run the other value as its own experiment)")
         try:

@@ -6,12 +6,12 @@ What the train stage writes beside the weights (see README "Contracts"):
   ``AutoModelForCausalLM.from_pretrained(dir)`` has them in ``model.config.laser``::
 
       {"self_reward_token": "<|z_c|>", "self_reward_token_id": 259, "c_ref": -11.5, "beta_v": 0.1,
-       ["incorrect_token_id": 260,]   # the SFT ablation only
+       "loss": "mse", ["incorrect_token_id": 260,]   # "sft" and z_i: the SFT ablation only
        "prompt": {"instruction": "...", "few_shot": [{"user": "...", "assistant": "..."}], "format": "chat"},
        "generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}}
 
 - ``laser.json``: the same dict (its first four keys are the historical ``laser.json``; readers that know only
-  those ignore the rest);
+  those ignore the rest); :func:`self_reward_config_from` is its one reader;
 - ``README.md``: a model card (base model, training data and steps, the train-time numbers, how to score and vote).
 
 :mod:`laser.api` reads these back. Light: no transformers, no torch.

@@ -26,7 +26,7 @@ import torch
 class SelfRewardConfig:
     """How a model scores its own answers: z_c (its token and id), c_ref, β_v, and the loss ``kind`` — ``mse``
     (LaSeR) or ``sft`` (the paper's ablation, which also needs z_i). What an exported model's ``laser.json``
-    holds (laser.rollouts reads and writes it); built from params and the reference statistics by
+    holds (laser.model_card reads and writes it); built from params and the reference statistics by
     ``laser.runtime.self_reward_config``."""
 
     z_c_token: str

@@ -200,10 +200,12 @@ class _SetBuilder:
 
 
 def _removed_note(stats: dict[str, Any]) -> str:
+    """Why a synthetic set stopped when its held-out removals, not its bad rows, used up the reads."""
     removed = sum(stats["held_out_removed"].values())
-    return (f"; {removed} more repeated a held-out problem ({stats['held_out_removed']}): the source's problems are "
-            "mostly the eval sets' (widen it, e.g. prepare.train's max_operand / operators, or shrink the eval "
-            "sets)") if removed else ""
+    if stats["kind"] != "synthetic" or removed <= stats["rejected"]:
+        return ""
+    return (f"; {removed} more repeated a held-out problem ({stats['held_out_removed']}): the generator's problems "
+            "are mostly the eval sets' (widen it: max_operand, max_digits, operators; or shrink the eval sets)")
 
 
 def _excluded(row: Row, exclude: dict[str, _Exclusion]) -> _Exclusion | None:

@@ -53,9 +53,10 @@ def test_added_row_from_a_result_file_keeps_its_row_and_source_chain(paper_small
     assert str(result) in row["source"]
     _, row, _ = paper_small.added_row(f"laser={result}:laser")
     assert row["sv_auroc"] == 0.815 and row["source"].endswith("there from elsewhere.json")
-    (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
-    with pytest.raises(SystemExit, match=r"neither an evaluate metrics\.json"):
-        paper_small.added_row(f"grpo={tmp_path / 'other.json'}:grpo")
+    for other in ({"runs": []}, {"runs": [str(result)], "table": {"GRPO": {"accuracy": {"mean": 0.5}}}}):
+        (tmp_path / "other.json").write_text(json.dumps(other))  # no table; a --combine output's ranges
+        with pytest.raises(SystemExit, match=r"neither an evaluate metrics\.json"):
+            paper_small.added_row(f"GRPO={tmp_path / 'other.json'}:GRPO")
 
 
 def test_combine_averages_each_method_over_the_seed_files(paper_small, tmp_path):

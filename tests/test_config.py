@@ -91,7 +91,7 @@ def test_empty_file_gives_defaults(tmp_path):
              ["train.mini_batch_size", "divisor of prompts_per_step * group_size = 12", "(in variants.big:"]),
             # what the shared ref_constant stage reads cannot differ per variant
             ({"variants": {"laser": {}, "b": {"self_reward": {"token": "<|x|>"}}}},
-             ["variants.b.self_reward.token cannot differ per variant", "ref_constant"]),
+             ["variants.b.self_reward.token cannot be set per variant", "ref_constant"]),
             ({"variants": {"laser": {"self_reward": {"loss": "sft"}}}}, ["variants.laser.self_reward.loss"]),
         ({"paths": {"cache_dir": "rollouts/cache"}}, ["paths.cache_dir", "paths.rollouts_dir = 'rollouts'"]),
     ],
