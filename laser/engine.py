@@ -132,10 +132,12 @@ def initialize(model: torch.nn.Module, train: TrainParams, dtype: str, world_siz
 
     import deepspeed
 
-    # DeepSpeed 0.19 calls the deprecated reduce_scatter_tensor at every backward: one FutureWarning per step
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed 0.19 calls torch.distributed's deprecated reduce_scatter_tensor at every backward (a FutureWarning
+    # per step) and all_gather_into_tensor at every gather (each step's weight push to vLLM): not ours
+    for deprecated in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        warnings.filterwarnings("ignore", message=f".*{deprecated}.* is deprecated", category=FutureWarning)
     if train.gradient_checkpointing:  # recompute each layer in backward: activations stop dominating memory
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     compute_dtype = resolve_compute_dtype(train.compute_dtype)
     log.info("training forward in %s (train.compute_dtype: %s)", compute_dtype, train.compute_dtype)
     model = PolicyModel(model, train.logits_chunk, compute_dtype)

@@ -41,7 +41,8 @@ def engine_kwargs(settings: VLLMParams, model_dir: str | Path, seed: int) -> dic
                   enable_prefix_caching=settings.enable_prefix_caching, max_num_seqs=settings.max_num_seqs,
                   tensor_parallel_size=settings.tensor_parallel_size,
                   gpu_memory_utilization=settings.gpu_memory_utilization,
-                  enforce_eager=not torch.cuda.is_available())  # CPU: no graph capture to pay for at start-up
+                  enforce_eager=not torch.cuda.is_available(),  # CPU: no graph capture to pay for at start-up
+                  use_tqdm_on_load=False)  # the trainer's weight push reloads every step: a progress bar each
     if settings.block_size is not None:
         kwargs["block_size"] = settings.block_size
     return kwargs
