@@ -10,6 +10,11 @@ optimizer step) through the trainer's own ``train_on`` (the same loss maths):
   laser_bf16 / grpo_bf16 : ZeRO-3, bf16 autocast (fp32 weights and AdamW state)
   laser_bf16_gc / laser_fp32_gc : ZeRO-3, gradient checkpointing (train.gradient_checkpointing)
   bare_fp32 / bare_bf16  : no DeepSpeed: the same PolicyModel, loss and clipping, plain torch.optim.AdamW (floor)
+  bare_fp32_fused        : the floor with torch's fused AdamW, the ZeRO-3 modes' optimizer (like for like)
+  laser_fp32_loop_adamw  : laser_fp32 with torch's CPU default AdamW (a single-tensor loop, a pass per op)
+  laser_fp32_zero3_linear : laser_fp32 with zero_optimization.memory_efficient_linear on (DeepSpeed's autograd
+                         Function for F.linear; laser.engine turns it off in a world of one, where nothing is
+                         partitioned)
 
 Each mode runs in a fresh process (one warm-up step, then ``--steps`` timed), which also gives its peak resident
 set size (ru_maxrss) and the resident set after engine start-up (weights, optimizer state: what no step frees).
@@ -44,17 +49,18 @@ from laser.schedule import Phase  # noqa: E402
 from laser.score import SelfRewardConfig  # noqa: E402
 from laser.trainer import LaserTrainer, Rollout  # noqa: E402
 
-MODES = ("laser_fp32_full_head", "laser_fp32", "grpo_fp32", "bare_fp32", "laser_bf16", "grpo_bf16", "bare_bf16",
-         "laser_bf16_gc", "laser_fp32_gc")
+MODES = ("laser_fp32_full_head", "laser_fp32", "laser_fp32_loop_adamw", "laser_fp32_zero3_linear", "grpo_fp32",
+         "bare_fp32", "bare_fp32_fused", "laser_bf16", "grpo_bf16", "bare_bf16", "laser_bf16_gc", "laser_fp32_gc")
 PROMPT_TOKENS, ROWS, MICRO = 64, 16, 8  # micro-batch 8: the main job's train.micro_batch_size
 
 
 class BareEngine:
     """What LaserTrainer needs of a DeepSpeed engine, in plain PyTorch: AdamW, global-norm clipping, no ZeRO."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, grad_clip: float | None, accumulation: int):
+    def __init__(self, module: torch.nn.Module, lr: float, grad_clip: float | None, accumulation: int,
+                 fused: bool = False):
         self.module, self.grad_clip, self.accumulation = module, grad_clip, accumulation
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0, fused=fused)
         self.device = torch.device("cpu")
         self._norm = 0.0
 
@@ -84,6 +90,29 @@ class BareEngine:
         return [self.optimizer.param_groups[0]["lr"]]
 
 
+def patch_engine_build(mode: str) -> None:
+    """The before/after variants of the ZeRO-3 engine, patched into ``laser.engine`` in this child process (it
+    builds one engine): torch's loop AdamW instead of the fused one, or DeepSpeed's memory-efficient linear."""
+    if mode.endswith("_loop_adamw"):
+        fused_optimizer = ds.build_optimizer
+
+        def loop_optimizer(module, train):
+            optimizer = fused_optimizer(module, train)
+            optimizer.param_groups[0]["fused"] = False  # before any state exists: torch's single-tensor path
+            return optimizer
+
+        ds.build_optimizer = loop_optimizer
+    if mode.endswith("_zero3_linear"):
+        zero3_config = ds.deepspeed_config
+
+        def zero3_linear_config(*args):
+            config = zero3_config(*args)
+            config["zero_optimization"]["memory_efficient_linear"] = True
+            return config
+
+        ds.deepspeed_config = zero3_linear_config
+
+
 def make_trainer(model_name: str, mode: str) -> LaserTrainer:
     bf16, gc = "bf16" in mode, mode.endswith("_gc")
     params = build(Params, {"model": {"name": model_name},
@@ -96,9 +125,11 @@ def make_trainer(model_name: str, mode: str) -> LaserTrainer:
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     if mode.startswith("bare"):
         engine = BareEngine(PolicyModel(model, params.train.logits_chunk, params.train.compute_dtype), 1e-6, 1.0,
-                            accumulation=params.train.mini_batch_size // params.train.micro_batch_size)
+                            accumulation=params.train.mini_batch_size // params.train.micro_batch_size,
+                            fused=mode.endswith("_fused"))
     else:
         ds.init_distributed()
+        patch_engine_build(mode)
         engine = ds.initialize(model, params.train, "float32", world_size=1)
         if mode.endswith("full_head"):
             engine.module.lean = False
@@ -157,13 +188,37 @@ def resident_mb() -> float:
     return float("nan")
 
 
+def time_engine_calls(engine, spent: dict) -> None:
+    """Add the seconds spent in ``engine.backward`` and ``engine.step`` to ``spent``. ``step`` is the optimizer
+    step at the last micro-batch of an accumulation (ZeRO-3: with the gradient norm, clipping and the copy back
+    into the parameters); the rest of a train step is mostly the forward and the losses."""
+    def timed(name: str):
+        call = getattr(engine, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = call(*args, **kwargs)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return wrapper
+
+    for name in ("backward", "step"):
+        setattr(engine, name, timed(name))
+
+
 def child(model_name: str, mode: str, length: int, steps: int) -> dict:
     trainer = make_trainer(model_name, mode)
     after_init = resident_mb()
     rollout = fixed_rollout(trainer, length)
     _, first = step_seconds(trainer, rollout)  # warm-up (and the loss at the same weights for every mode)
-    seconds = [step_seconds(trainer, rollout)[0] for _ in range(steps)]
-    return {"seconds": seconds, "median_seconds": statistics.median(seconds),
+    seconds, phases, spent = [], [], {}
+    time_engine_calls(trainer.engine, spent)
+    for _ in range(steps):
+        spent.clear()
+        seconds.append(step_seconds(trainer, rollout)[0])
+        phases.append({"rest": seconds[-1] - sum(spent.values()), **spent})
+    median_step = phases[seconds.index(statistics.median(seconds))] if steps % 2 else None
+    return {"seconds": seconds, "median_seconds": statistics.median(seconds), "median_step_phases": median_step,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_init_mb": after_init, "rss_after_steps_mb": resident_mb(),
             "first_step_pg_loss": first["pg_loss"], "first_step_self_reward_mse": first.get("self_reward_mse")}
@@ -215,13 +270,17 @@ def main() -> None:
         "model": args.model, "parameters": n_params,
         "batch": f"{ROWS} x ({PROMPT_TOKENS} prompt + {args.length} response) tokens, micro-batch {MICRO}",
         "tokens": tokens, "flop_floor_tflop": 6 * n_params * tokens / 1e12, "modes": modes,
-        "bf16_vs_fp32_forward": precision_gap(args.model, args.length),
+        # only beside bf16 modes: on a CPU without bf16 kernels (AVX2) a bf16 forward takes minutes
+        "bf16_vs_fp32_forward": precision_gap(args.model, args.length) if any("bf16" in m for m in modes) else None,
         "ratios": {
             "laser_over_grpo_fp32": ratio("laser_fp32", "grpo_fp32"),
             "laser_over_grpo_bf16": ratio("laser_bf16", "grpo_bf16"),
             "zero3_over_bare_fp32": ratio("laser_fp32", "bare_fp32"),
+            "zero3_over_bare_fused_fp32": ratio("laser_fp32", "bare_fp32_fused"),
             "zero3_over_bare_bf16": ratio("laser_bf16", "bare_bf16"),
             "lean_head_over_full_head_fp32": ratio("laser_fp32", "laser_fp32_full_head"),
+            "fused_adamw_over_loop_fp32": ratio("laser_fp32", "laser_fp32_loop_adamw"),
+            "native_linear_over_zero3_linear_fp32": ratio("laser_fp32", "laser_fp32_zero3_linear"),
             "bf16_over_fp32_before": ratio("laser_bf16", "laser_fp32_full_head"),
             "gradient_checkpointing_over_bf16": ratio("laser_bf16_gc", "laser_bf16"),
         },

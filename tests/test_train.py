@@ -176,6 +176,38 @@ def test_gradient_checkpointing_changes_memory_not_maths(make_trainer, repo_cach
     torch.testing.assert_close(recomputed_weights, plain_weights, rtol=1e-5, atol=1e-7)
 
 
+def _two_steps(trainer) -> torch.Tensor:
+    rollout = _fixed_rollout(trainer)
+    for _ in range(2):
+        trainer.train_on(rollout, torch.linspace(-1, 1, len(rollout.responses)), Phase(True, False))
+    return _flat_params(trainer.engine)
+
+
+def test_fused_adamw_gives_the_update_of_the_reference_loop(make_trainer, monkeypatch):
+    """train.optimizer adamw runs torch's fused AdamW kernel (one pass over the state): two ZeRO-3 steps give the
+    weights that torch's reference single-tensor AdamW gives, to float rounding."""
+    kernel_calls = []
+    fused_kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: kernel_calls.append(1) or fused_kernel(*a, **k))
+    fused = make_trainer()
+    start = _flat_params(fused.engine)
+    fused_weights = _two_steps(fused)
+    assert len(kernel_calls) == 4  # 16 responses in mini-batches of 8: two optimizer steps per train_on
+
+    build = ds.build_optimizer
+
+    def reference_loop(model, train):
+        optimizer = build(model, train)
+        optimizer.param_groups[0]["fused"] = False  # before any state exists: torch's single-tensor path
+        return optimizer
+
+    monkeypatch.setattr(ds, "build_optimizer", reference_loop)
+    loop_weights = _two_steps(make_trainer())
+    assert len(kernel_calls) == 4
+    assert not torch.equal(start, fused_weights)
+    torch.testing.assert_close(fused_weights, loop_weights, rtol=1e-5, atol=1e-7)
+
+
 def test_lr_schedule():
     train = TrainParams(steps=4, prompts_per_step=2, group_size=2, mini_batch_size=4, micro_batch_size=4,
                         warmup_steps=2, lr_schedule="linear")
@@ -234,6 +266,9 @@ def test_deepspeed_config_geometry_clipping_and_precision():
     assert config["gradient_clipping"] == 0.0  # null grad_clip: DeepSpeed's "off"
     # the reduce bucket (a whole fp32 gradient copy up to its size) stays far below the parameter count
     assert config["zero_optimization"]["reduce_bucket_size"] == ds.REDUCE_BUCKET_ELEMENTS < 10**8
+    # DeepSpeed's memory-efficient linear only where weights are partitioned (more than one rank)
+    assert config["zero_optimization"]["memory_efficient_linear"]
+    assert not ds.deepspeed_config(train, "auto", world_size=1)["zero_optimization"]["memory_efficient_linear"]
     assert config["bf16"]["enabled"] == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert ds.deepspeed_config(replace(train, grad_clip=0.5), "bfloat16", 1)["bf16"]["enabled"]
     assert ds.deepspeed_config(replace(train, grad_clip=0.5), "bfloat16", 1)["gradient_clipping"] == 0.5
