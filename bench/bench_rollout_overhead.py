@@ -6,14 +6,18 @@ At the default params (generation.batch_size, max_new_tokens, temperature) on th
 default synthetic task rendered with its chat template, instruction and few-shot turns), side by side in one run,
 the same seeds (each sample has its own generator, so every way samples the same tokens up to float rounding):
 
-  static_plain       : static batches (a batch is refilled only when empty: the implementation before), no score
-  static_in_pass     : static batches, log π(z_c | x, y, EOS) read in the generation pass
-  continuous_plain   : continuous batching (finished rows are replaced from the queue), no score
-  continuous_in_pass : continuous batching + in-pass z_c (what the pipeline runs)
-  official           : continuous_plain, then one separate full forward over prompt + response (the official code)
+  static_plain       : static batches (a batch is refilled only when empty), every sample prefills its whole
+                       prompt: the implementation before; no score
+  static_in_pass     : the same, log π(z_c | x, y, EOS) read in the generation pass
+  continuous_plain   : continuous batching (finished rows are replaced from the queue), whole prompts, no score
+  continuous_in_pass : continuous batching + in-pass z_c
+  shared_plain       : continuous batching + shared prefill (the prompts' common prefix once per call, each
+                       prompt once for all its samples), no score
+  shared_in_pass     : shared prefill + continuous batching + in-pass z_c (what the pipeline runs)
+  official           : shared_plain, then one separate full forward over prompt + response (the official code)
 
-Each way is timed ``--repeats`` times in rotating order; medians give samples/s, tokens/s, the speed-up of
-continuous batching and the overhead of scoring (time / time of the same batching without it).
+Each way is timed ``--repeats`` times in rotating order; medians give samples/s, tokens/s, the speed-up over the
+implementation before and the overhead of scoring (time / time of the same batching without it).
 Writes bench/results/rollout_overhead.json.
 """
 
@@ -41,7 +45,8 @@ from laser.io import atomic_write_json
 from laser.models import load_model, load_tokenizer, resolve_model_dir, token_id, z_c_candidates
 from laser.runtime import sampling
 
-WAYS = ("static_plain", "static_in_pass", "continuous_plain", "continuous_in_pass", "official")
+WAYS = ("static_plain", "static_in_pass", "continuous_plain", "continuous_in_pass", "shared_plain", "shared_in_pass",
+        "official")
 
 
 def official_scores(model, completions, z_c_id: int, pad_id: int, micro: int) -> list[float]:
@@ -81,8 +86,9 @@ def main() -> None:
     z_c_id = token_id(tokenizer, z_c_candidates(tokenizer)[0])
     prompts = prompts_of(params, tokenizer, args.problems)
     batch = params.generation.batch_size
-    static = HFGenerator(model, tokenizer, batch_size=batch, continuous=False)
-    continuous = HFGenerator(model, tokenizer, batch_size=batch)
+    static = HFGenerator(model, tokenizer, batch_size=batch, continuous=False, share_prefill=False)
+    continuous = HFGenerator(model, tokenizer, batch_size=batch, share_prefill=False)
+    shared = HFGenerator(model, tokenizer, batch_size=batch)
     plan = sampling(params, seed=0)
 
     def run(generator, probe):
@@ -93,9 +99,12 @@ def main() -> None:
         "static_in_pass": lambda: run(static, True),
         "continuous_plain": lambda: run(continuous, False),
         "continuous_in_pass": lambda: run(continuous, True),
-        "official": lambda: official_scores(model, run(continuous, False), z_c_id, tokenizer.pad_token_id, batch),
+        "shared_plain": lambda: run(shared, False),
+        "shared_in_pass": lambda: run(shared, True),
+        "official": lambda: official_scores(model, run(shared, False), z_c_id, tokenizer.pad_token_id, batch),
     }
-    run(continuous, False)  # warm-up
+    assert tuple(ways) == WAYS
+    run(shared, False)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in ways}
     for r in range(args.repeats):
         names = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]  # rotate the order
@@ -103,31 +112,43 @@ def main() -> None:
             start = time.perf_counter()
             ways[name]()
             times[name].append(time.perf_counter() - start)
-    static_out, continuous_out = run(static, True), run(continuous, True)
-    tokens = sum(len(c.response_token_ids) for c in continuous_out)
-    same = sum(a.response_token_ids == b.response_token_ids for a, b in zip(static_out, continuous_out))
+    static_out, continuous_out, shared_out = run(static, True), run(continuous, True), run(shared, True)
+    tokens = sum(len(c.response_token_ids) for c in shared_out)
+
+    def same_as_static(out):
+        return f"{sum(a.response_token_ids == b.response_token_ids for a, b in zip(static_out, out))}/{len(out)}"
+
+    gaps = [abs(a.probe_logprobs[z_c_id] - b.probe_logprobs[z_c_id]) for a, b in zip(static_out, shared_out)
+            if a.probe_logprobs and b.probe_logprobs]
     median = {name: statistics.median(values) for name, values in times.items()}
-    samples = len(continuous_out)
+    samples = len(shared_out)
     result = {
         "model": params.model.name, "samples": samples, "batch_size": batch,
         "max_new_tokens": params.generation.max_new_tokens, "generated_tokens": tokens,
-        "finished": sum(c.finish_reason == "eos" for c in continuous_out),
-        "same_tokens_static_vs_continuous": f"{same}/{samples}",
+        "prompt_tokens": sum(len(c.prompt_token_ids) for c in shared_out),
+        "finished": sum(c.finish_reason == "eos" for c in shared_out),
+        "same_tokens_static_vs_continuous": same_as_static(continuous_out),
+        "same_tokens_static_vs_shared": same_as_static(shared_out),
+        "max_z_c_logprob_gap_static_vs_shared": max(gaps) if gaps else None,
         "seconds": times, "median_seconds": median,
         "samples_per_s": {name: samples / t for name, t in median.items()},
         "tokens_per_s": {name: tokens / t for name, t in median.items()},
+        "speedup_over_static": median["static_in_pass"] / median["shared_in_pass"],
         "speedup_continuous_over_static": median["static_in_pass"] / median["continuous_in_pass"],
-        "overhead_in_pass": median["continuous_in_pass"] / median["continuous_plain"],
+        "speedup_shared_over_continuous": median["continuous_in_pass"] / median["shared_in_pass"],
+        "overhead_in_pass": median["shared_in_pass"] / median["shared_plain"],
+        "overhead_in_pass_continuous": median["continuous_in_pass"] / median["continuous_plain"],
         "overhead_in_pass_static": median["static_in_pass"] / median["static_plain"],
-        "overhead_official": median["official"] / median["continuous_plain"],
-        "goals": {"speedup_continuous_over_static": 1.5, "overhead_in_pass": 1.02},
+        "overhead_official": median["official"] / median["shared_plain"],
+        "goals": {"speedup_over_static": 1.5, "overhead_in_pass": 1.02},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
     atomic_write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("speedup_continuous_over_static", "overhead_in_pass",
-                                             "overhead_official", "samples_per_s", "same_tokens_static_vs_continuous")},
+    print(json.dumps({k: result[k] for k in ("speedup_over_static", "speedup_continuous_over_static",
+                                             "overhead_in_pass", "overhead_official", "samples_per_s",
+                                             "same_tokens_static_vs_shared", "max_z_c_logprob_gap_static_vs_shared")},
                      indent=1))
 
 

@@ -1,9 +1,11 @@
 """Training-step cost, side by side on one batch: LaSeR and GRPO-only on DeepSpeed ZeRO-3, and a bare PyTorch floor.
 
     python bench/bench_train_step.py [--model smollm2-135m-instruct] [--steps 3] [--modes laser_fp32,...]
+                                     [--prompt-tokens 64] [--length 128]
 
 Every mode trains on the same fixed rollout batch (16 × (64 prompt + 128 response) tokens, micro-batch 8, one
-optimizer step) through the trainer's own ``train_on`` (the same loss maths):
+optimizer step) through the trainer's own ``train_on`` (the same loss maths). Its 16 prompts are distinct, so
+every row runs whole; the ``_groups`` modes give each group of 4 rows one prompt, as GRPO rollouts have:
 
   laser_fp32_full_head : ZeRO-3, fp32, the LM head on every position (the implementation before the lean head)
   laser_fp32 / grpo_fp32 : ZeRO-3, fp32, the head on response positions + the slot only (self-reward loss on/off)
@@ -15,6 +17,10 @@ optimizer step) through the trainer's own ``train_on`` (the same loss maths):
   laser_fp32_zero3_linear : laser_fp32 with zero_optimization.memory_efficient_linear on (DeepSpeed's autograd
                          Function for F.linear; laser.engine turns it off in a world of one, where nothing is
                          partitioned)
+  laser_fp32_groups      : ZeRO-3, fp32, groups of 4 rows share a prompt: it runs once per group (what the
+                         trainer does; laser.batch.PolicyModel._hidden_states)
+  laser_fp32_groups_whole : the same batch with every row run whole (the forward before)
+  bare_fp32_fused_groups : the fused-AdamW floor on the grouped batch (it shares the prompt too)
 
 Each mode runs in a fresh process (one warm-up step, then ``--steps`` timed), which also gives its peak resident
 set size (ru_maxrss) and the resident set after engine start-up (weights, optimizer state: what no step frees).
@@ -25,6 +31,7 @@ generation) is bench/bench_peer.py. Writes bench/results/train_step.json (``--ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -50,8 +57,9 @@ from laser.score import SelfRewardConfig  # noqa: E402
 from laser.trainer import LaserTrainer, Rollout  # noqa: E402
 
 MODES = ("laser_fp32_full_head", "laser_fp32", "laser_fp32_loop_adamw", "laser_fp32_zero3_linear", "grpo_fp32",
-         "bare_fp32", "bare_fp32_fused", "laser_bf16", "grpo_bf16", "bare_bf16", "laser_bf16_gc", "laser_fp32_gc")
-PROMPT_TOKENS, ROWS, MICRO = 64, 16, 8  # micro-batch 8: the main job's train.micro_batch_size
+         "bare_fp32", "bare_fp32_fused", "laser_bf16", "grpo_bf16", "bare_bf16", "laser_bf16_gc", "laser_fp32_gc",
+         "laser_fp32_groups", "laser_fp32_groups_whole", "bare_fp32_fused_groups")
+ROWS, GROUP, MICRO = 16, 4, 8  # micro-batch 8: the main job's train.micro_batch_size
 
 
 class BareEngine:
@@ -126,7 +134,7 @@ def make_trainer(model_name: str, mode: str) -> LaserTrainer:
     if mode.startswith("bare"):
         engine = BareEngine(PolicyModel(model, params.train.logits_chunk, params.train.compute_dtype), 1e-6, 1.0,
                             accumulation=params.train.mini_batch_size // params.train.micro_batch_size,
-                            fused=mode.endswith("_fused"))
+                            fused="_fused" in mode)
     else:
         ds.init_distributed()
         patch_engine_build(mode)
@@ -135,14 +143,21 @@ def make_trainer(model_name: str, mode: str) -> LaserTrainer:
             engine.module.lean = False
     problems = [{"id": str(i), "answer": "1", "prompt": "x"} for i in range(4)]
     config = SelfRewardConfig("z_c", 6, c_ref=-26.6, beta_v=params.self_reward.beta_v)
-    return LaserTrainer(params, engine, tokenizer, problems, config)
+    trainer = LaserTrainer(params, engine, tokenizer, problems, config)
+    if mode.endswith("_whole"):
+        batch_of = trainer.policy_batch
+        trainer.policy_batch = lambda rollout: dataclasses.replace(batch_of(rollout), prompt_length=None)
+    return trainer
 
 
-def fixed_rollout(trainer: LaserTrainer, length: int) -> Rollout:
-    """16 responses of ``length`` tokens (EOS-terminated), half rewarded: the same batch for every mode."""
+def fixed_rollout(trainer: LaserTrainer, length: int, prompt_tokens: int, grouped: bool) -> Rollout:
+    """16 responses of ``length`` tokens (EOS-terminated), half rewarded: the same batch for every mode (of one
+    kind: 16 distinct prompts, or ``grouped``: one per 4 rows)."""
     g = torch.Generator().manual_seed(0)
     vocab = len(trainer.tokenizer)
-    prompts = [torch.randint(100, vocab - 100, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(ROWS)]
+    prompts = [torch.randint(100, vocab - 100, (prompt_tokens,), generator=g).tolist() for _ in range(ROWS)]
+    if grouped:
+        prompts = [prompts[row // GROUP] for row in range(ROWS)]
     eos = trainer.tokenizer.eos_token_id
     responses = [[*torch.randint(100, vocab - 100, (length - 1,), generator=g).tolist(), eos] for _ in range(ROWS)]
     rewards = torch.tensor([float(i % 2) for i in range(ROWS)])
@@ -158,13 +173,13 @@ def step_seconds(trainer: LaserTrainer, rollout: Rollout) -> tuple[float, dict]:
 
 
 @torch.no_grad()
-def precision_gap(model_name: str, length: int) -> dict:
+def precision_gap(model_name: str, length: int, prompt_tokens: int) -> dict:
     """How far bf16 autocast moves the training forward's numbers from fp32 on the bench batch: token log-probs
     (response positions) and log π(z_c | x, y, EOS), and what that is in self-reward score units (× β_v)."""
     from laser.batch import policy_forward
 
     trainer = make_trainer(model_name, "bare_fp32")
-    batch = trainer.policy_batch(fixed_rollout(trainer, length))
+    batch = trainer.policy_batch(fixed_rollout(trainer, length, prompt_tokens, grouped=False))
     model = trainer.engine.module
     out = {}
     for dtype in ("float32", "bfloat16"):
@@ -206,10 +221,10 @@ def time_engine_calls(engine, spent: dict) -> None:
         setattr(engine, name, timed(name))
 
 
-def child(model_name: str, mode: str, length: int, steps: int) -> dict:
+def child(model_name: str, mode: str, length: int, prompt_tokens: int, steps: int) -> dict:
     trainer = make_trainer(model_name, mode)
     after_init = resident_mb()
-    rollout = fixed_rollout(trainer, length)
+    rollout = fixed_rollout(trainer, length, prompt_tokens, grouped="_groups" in mode)
     _, first = step_seconds(trainer, rollout)  # warm-up (and the loss at the same weights for every mode)
     seconds, phases, spent = [], [], {}
     time_engine_calls(trainer.engine, spent)
@@ -227,7 +242,8 @@ def child(model_name: str, mode: str, length: int, steps: int) -> dict:
 def run_child(args, mode: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     out = subprocess.run([sys.executable, __file__, "--model", args.model, "--length", str(args.length),
-                          "--steps", str(args.steps), "--child", mode], capture_output=True, text=True, env=env)
+                          "--prompt-tokens", str(args.prompt_tokens), "--steps", str(args.steps), "--child", mode],
+                         capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -237,7 +253,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--length", type=int, default=128, help="response tokens per row")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--child", choices=MODES)
     parser.add_argument("--out", default="bench/results/train_step.json")
@@ -246,18 +263,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.precision_gap_only:
         result = json.loads(Path(args.out).read_text())
-        result["bf16_vs_fp32_forward"] = precision_gap(args.model, args.length)
+        result["bf16_vs_fp32_forward"] = precision_gap(args.model, args.length, args.prompt_tokens)
         atomic_write_json(args.out, result)
         print(json.dumps(result["bf16_vs_fp32_forward"], indent=1))
         return
     if args.child:
-        print(json.dumps(child(args.model, args.child, args.length, args.steps)))
+        print(json.dumps(child(args.model, args.child, args.length, args.prompt_tokens, args.steps)))
         return
     modes = {}
     for mode in args.modes.split(","):
         modes[mode] = run_child(args, mode)
         print(mode, json.dumps({k: modes[mode][k] for k in ("median_seconds", "peak_rss_mb")}), flush=True)
-    tokens = ROWS * (PROMPT_TOKENS + args.length)
+    tokens = ROWS * (args.prompt_tokens + args.length)
     n_params = sum(p.numel() for p in load_model(resolve_model_dir(args.model, ".cache")).parameters())
     for result in modes.values():
         result["tokens_per_s"] = tokens / result["median_seconds"]
@@ -268,10 +285,12 @@ def main() -> None:
 
     result = {
         "model": args.model, "parameters": n_params,
-        "batch": f"{ROWS} x ({PROMPT_TOKENS} prompt + {args.length} response) tokens, micro-batch {MICRO}",
+        "batch": f"{ROWS} x ({args.prompt_tokens} prompt + {args.length} response) tokens, micro-batch {MICRO}"
+                 + (f"; _groups modes: one prompt per {GROUP} rows" if any("_groups" in m for m in modes) else ""),
         "tokens": tokens, "flop_floor_tflop": 6 * n_params * tokens / 1e12, "modes": modes,
         # only beside bf16 modes: on a CPU without bf16 kernels (AVX2) a bf16 forward takes minutes
-        "bf16_vs_fp32_forward": precision_gap(args.model, args.length) if any("bf16" in m for m in modes) else None,
+        "bf16_vs_fp32_forward": (precision_gap(args.model, args.length, args.prompt_tokens)
+                                 if any("bf16" in m for m in modes) else None),
         "ratios": {
             "laser_over_grpo_fp32": ratio("laser_fp32", "grpo_fp32"),
             "laser_over_grpo_bf16": ratio("laser_bf16", "grpo_bf16"),
@@ -283,6 +302,8 @@ def main() -> None:
             "native_linear_over_zero3_linear_fp32": ratio("laser_fp32", "laser_fp32_zero3_linear"),
             "bf16_over_fp32_before": ratio("laser_bf16", "laser_fp32_full_head"),
             "gradient_checkpointing_over_bf16": ratio("laser_bf16_gc", "laser_bf16"),
+            "shared_prompt_over_whole_rows_fp32": ratio("laser_fp32_groups", "laser_fp32_groups_whole"),
+            "zero3_over_bare_fused_groups_fp32": ratio("laser_fp32_groups", "bare_fp32_fused_groups"),
         },
         "goals": {"laser_over_grpo": 1.03, "zero3_over_bare": 1.15, "bf16_over_fp32_before": 0.45,
                   "peak_rss_mb_with_gradient_checkpointing": 2500},

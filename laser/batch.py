@@ -24,12 +24,18 @@ class PolicyBatch:
     slot: torch.Tensor  # (R,) index right after the response
     has_slot: torch.Tensor  # (R,) finished rows (they hold z_c)
     finished: torch.Tensor  # (R,)
+    prompt_length: torch.Tensor | None  # (R,) the row's prompt tokens (rows of one group share them); None: rows
+    # run whole (the reference the shared-prompt forward is tested against)
 
     def select(self, rows: slice | torch.Tensor) -> PolicyBatch:
-        return PolicyBatch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+        return PolicyBatch(*(_apply(getattr(self, f), lambda t: t[rows]) for f in self.__dataclass_fields__))
 
     def to(self, device) -> PolicyBatch:
-        return PolicyBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return PolicyBatch(*(_apply(getattr(self, f), lambda t: t.to(device)) for f in self.__dataclass_fields__))
+
+
+def _apply(value: torch.Tensor | None, fn):
+    return None if value is None else fn(value)
 
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], finished: Sequence[bool],
@@ -48,7 +54,8 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
     finished_t = torch.tensor(list(finished), dtype=torch.bool)
     slot, has_slot = z_c_slot(response_mask, finished_t)
     ids = write_z_c(ids, slot, has_slot, z_c_id)
-    return PolicyBatch(ids, attention, response_mask, slot, has_slot, finished_t)
+    prompt_length = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return PolicyBatch(ids, attention, response_mask, slot, has_slot, finished_t, prompt_length)
 
 
 def token_logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0
@@ -101,27 +108,67 @@ class PolicyModel(torch.nn.Module):
             causal_lm.get_output_embeddings() is not None
 
     def forward(self, input_ids, attention_mask, position_ids, response_mask, slot, has_slot,
-                extra_token_id: int | None = None, temperature: float = 1.0):
+                extra_token_id: int | None = None, temperature: float = 1.0, prompt_length=None):
         """-> (token_logprobs (R, W) target layout, zero off the response and slot; z_c_logprob (R,), 0 where
-        ``has_slot`` is False; log π(extra_token_id | x, y, EOS) (R,) or None)."""
+        ``has_slot`` is False; log π(extra_token_id | x, y, EOS) (R,) or None). ``prompt_length`` (R,): rows
+        with the same prompt run it once (see ``_hidden_states``)."""
         bf16 = self.compute_dtype == "bfloat16"
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             if not self.lean:
                 logits = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids, use_cache=False).logits
                 return _from_full_logits(logits, input_ids, slot, has_slot, extra_token_id, temperature)
-            hidden = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                                  position_ids=position_ids, use_cache=False).last_hidden_state
-            return self._lean_logprobs(hidden, input_ids, response_mask, slot, has_slot, extra_token_id,
+            hidden, offset = self._hidden_states(input_ids, attention_mask, position_ids, prompt_length)
+            return self._lean_logprobs(hidden, offset, input_ids, response_mask, slot, has_slot, extra_token_id,
                                        temperature)
 
-    def _lean_logprobs(self, hidden, input_ids, response_mask, slot, has_slot, extra_token_id, temperature):
+    def _hidden_states(self, input_ids, attention_mask, position_ids, prompt_length):
+        """-> (hidden, offset (R,)): ``hidden[r, t - offset[r]]`` is the decoder's output at position t of row r,
+        for every t ≥ offset[r] (0 when the rows run whole).
+
+        The rows of a group share their prompt (~130 of ~155 tokens at the default task): when some rows repeat
+        a prompt, each distinct prompt runs once with its keys and values cached, and every row runs only its
+        response (and slot) on its prompt's cache; the gradient reaches the prompt through the cache. The same
+        maths up to float rounding. Not under gradient checkpointing: the recompute would write the cache twice
+        (transformers drops the cache there), so those rows run whole."""
+        decoder = self.causal_lm.get_decoder()
+        checkpointing = self.training and getattr(self.causal_lm, "is_activation_checkpointing", False)
+        groups = None if prompt_length is None or checkpointing else _prompt_groups(input_ids, prompt_length)
+        if groups is None:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+            return hidden, torch.zeros_like(input_ids[:, 0])
+        first, group = groups
+        width = int(prompt_length.max())
+        prompt_mask = attention_mask[first, :width] * (torch.arange(width, device=input_ids.device)
+                                                       < prompt_length[first, None])
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.causal_lm.config)
+        prompt_hidden = decoder(input_ids=input_ids[first, :width], attention_mask=prompt_mask,
+                                position_ids=position_ids[first, :width], past_key_values=cache,
+                                use_cache=True).last_hidden_state
+        cache.batch_select_indices(group)  # each row goes on from its prompt's keys and values
+        tail = attention_mask.sum(dim=1) - prompt_length  # (R,) the response and its slot
+        columns = prompt_length[:, None] + torch.arange(int(tail.max()), device=input_ids.device)
+        inside = columns < (prompt_length + tail)[:, None]
+        columns = columns.clamp(max=input_ids.shape[1] - 1)
+        response_hidden = decoder(
+            input_ids=input_ids.gather(1, columns),
+            attention_mask=torch.cat([prompt_mask[group], attention_mask.gather(1, columns) * inside], dim=1),
+            position_ids=position_ids.gather(1, columns), past_key_values=cache, use_cache=True).last_hidden_state
+        last_prompt = prompt_hidden[group, prompt_length - 1]  # (R, H): the first response token's logits
+        return torch.cat([last_prompt[:, None], response_hidden], dim=1), prompt_length - 1
+
+    def _lean_logprobs(self, hidden, offset, input_ids, response_mask, slot, has_slot, extra_token_id,
+                       temperature):
         """The head at the response positions and the slot only (see the class docstring)."""
         targets = response_mask.bool().clone()
         rows = torch.nonzero(has_slot, as_tuple=True)[0]
         targets[rows, slot[rows]] = True  # the z_c slot: its log-prob is the score's
         row, col = torch.nonzero(targets, as_tuple=True)
-        picked = self._head_logprobs(hidden[row, col - 1], input_ids[row, col].unsqueeze(1), temperature)
+        picked = self._head_logprobs(hidden[row, col - 1 - offset[row]], input_ids[row, col].unsqueeze(1),
+                                     temperature)
         token_logprobs = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
         token_logprobs = token_logprobs.index_put((row, col), picked[:, 0])
         z_c_logprob = torch.where(has_slot, token_logprobs.gather(1, slot.clamp(max=input_ids.shape[1] - 1)
@@ -129,7 +176,8 @@ class PolicyModel(torch.nn.Module):
         if temperature == 1.0 and extra_token_id is None:
             return token_logprobs, z_c_logprob, None
         # z_c (and z_i) are read at temperature 1: one more head pass over the R slot rows only
-        eos_hidden = hidden[torch.arange(len(slot), device=slot.device), (slot - 1).clamp(min=0)]
+        eos_column = ((slot - 1).clamp(min=0) - offset).clamp(min=0)  # rows without a slot: any (masked below)
+        eos_hidden = hidden[torch.arange(len(slot), device=slot.device), eos_column]
         z_c_ids = input_ids.gather(1, torch.where(has_slot, slot, 0).unsqueeze(1))
         extra_ids = torch.full_like(z_c_ids, 0 if extra_token_id is None else extra_token_id)
         at_eos = self._head_logprobs(eos_hidden, torch.cat([z_c_ids, extra_ids], dim=1), 1.0)
@@ -148,6 +196,23 @@ class PolicyModel(torch.nn.Module):
             parts.append(torch.utils.checkpoint.checkpoint(_picked_logprobs, *args, use_reentrant=False)
                          if recompute else _picked_logprobs(*args))
         return torch.cat(parts) if parts else hidden.new_zeros((0, targets.shape[1]), dtype=torch.float32)
+
+
+def _prompt_groups(input_ids: torch.Tensor, prompt_length: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first row of each distinct prompt (U,), each row's prompt index (R,)), or None if no row repeats one."""
+    index: dict[tuple[int, ...], int] = {}
+    first, group = [], []
+    for row, (ids, length) in enumerate(zip(input_ids.tolist(), prompt_length.tolist())):
+        key = tuple(ids[:length])
+        if key not in index:
+            index[key] = len(first)
+            first.append(row)
+        group.append(index[key])
+    if len(first) == len(group):
+        return None
+    device = input_ids.device
+    return torch.tensor(first, device=device), torch.tensor(group, device=device)
 
 
 def _picked_logprobs(head, hidden, targets, temperature):
@@ -195,7 +260,8 @@ def policy_forward(model, batch: PolicyBatch, extra_token_id: int | None = None,
         input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
         position_ids=positions.to(device), response_mask=batch.response_mask.to(device),
         slot=batch.slot.to(device), has_slot=batch.has_slot.to(device), extra_token_id=extra_token_id,
-        temperature=temperature if temperature > 0 else 1.0)
+        temperature=temperature if temperature > 0 else 1.0,
+        prompt_length=None if batch.prompt_length is None else batch.prompt_length.to(device))
 
 
 def full_logits_forward(model, batch: PolicyBatch, extra_token_id: int | None = None, temperature: float = 1.0):

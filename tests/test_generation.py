@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -59,6 +60,37 @@ def test_generation_is_seeded_and_probes_do_not_change_samples(tiny_model_dir):
     assert [c.response_token_ids for c in without] == [c.response_token_ids for c in again]
     other_seed = generator.generate(prompts, 3, Sampling(temperature=1.0, max_new_tokens=24, seed=12))
     assert [c.response_token_ids for c in other_seed] != [c.response_token_ids for c in without]
+
+
+def test_shared_prefill_changes_the_work_not_the_samples(tiny_model_dir):
+    """The prompts' common prefix is prefilled once per call and each prompt once for all its samples: the same
+    tokens and probe log-probs as prefilling every sample's whole prompt, for a fraction of the prompt tokens."""
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    few_shot = "Answer in \\boxed{}. Example: what is 2 + 2? 2 + 2 = 4, so \\boxed{4}. Now: "
+    prompts = _chat_prompts(tokenizer, [few_shot + q for q in ("What is 1 + 2?", "What is 30 + 12?", "And 5 - 5?")])
+    probe_ids = [token_id(tokenizer, "<|z_c|>")]
+    fed = []  # prompt tokens fed (prefill calls: more than one position per row), padding included
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(kw["input_ids"].numel()) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    sampling = Sampling(temperature=1.0, max_new_tokens=30, seed=5)
+    try:
+        runs = {}
+        for share in (True, False):
+            fed.clear()
+            runs[share] = (HFGenerator(model, tokenizer, batch_size=4, share_prefill=share).generate(
+                prompts, 4, sampling, probe_token_ids=probe_ids), sum(fed))
+    finally:
+        hook.remove()
+    (shared, shared_fed), (whole, whole_fed) = runs[True], runs[False]
+    assert [c.response_token_ids for c in shared] == [c.response_token_ids for c in whole]
+    for a, b in zip(shared, whole):
+        assert (a.probe_logprobs is None) == (b.probe_logprobs is None)
+        if a.probe_logprobs is not None:
+            assert a.probe_logprobs[probe_ids[0]] == pytest.approx(b.probe_logprobs[probe_ids[0]], abs=1e-4)
+    assert whole_fed >= 4 * sum(len(p) for p in prompts)  # every sample its whole prompt
+    assert shared_fed * 4 < whole_fed  # the prefix once, each prompt's own tokens once per admission
+    _assert_probe_equivalence(model, shared, probe_ids, atol=1e-4)
 
 
 def test_truncated_samples_have_no_probe(tiny_model_dir):
@@ -272,3 +304,50 @@ def test_lean_head_equals_the_full_logits_forward_in_values_and_gradients(tiny_m
         # relative to the gradient's scale (up to ~130 on the embeddings): float32 summation order, not maths
         scale = max(1.0, float(full[3][name].abs().max()))
         assert float((lean[3][name] - full[3][name]).abs().max()) <= 1e-5 * scale, name
+
+
+def test_rows_sharing_a_prompt_run_it_once_with_the_same_values_and_gradients(tiny_model_dir):
+    """Rows of one group share their prompt: it runs once (cached keys and values), each row its response on top.
+    Log-probs, z_c / z_i log-probs and gradients equal running every row whole (to 1e-5); far fewer positions
+    go through the decoder; under gradient checkpointing (train mode) the rows run whole."""
+    from laser.batch import PolicyModel
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    z_c, z_i = token_id(tokenizer, "<|z_c|>"), token_id(tokenizer, "<|z_i|>")
+    long_prompt = tokenizer.encode("Answer in a box. Example: 2 + 2 = 4. Now: what is 12 + 30, and why?")
+    prompts = [long_prompt] * 3 + [tokenizer.encode("7 - 1 =")] * 2
+    responses = [[*tokenizer.encode(" 42."), tokenizer.eos_token_id], tokenizer.encode(" forty two, since"),
+                 [tokenizer.eos_token_id], [*tokenizer.encode(" 6"), tokenizer.eos_token_id],
+                 tokenizer.encode(" six, I think it is six")]
+    batch = collate(prompts, responses, [True, False, True, True, False], z_c, tokenizer.pad_token_id)
+    policy = PolicyModel(model)
+    positions = []  # query positions through the decoder, per call
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: positions.append(kw["input_ids"].numel()), with_kwargs=True)
+
+    def run(shared, temperature):
+        model.zero_grad()
+        positions.clear()
+        tokens, z_c_lp, z_i_lp = policy_forward(policy, batch if shared else
+                                                dataclasses.replace(batch, prompt_length=None), z_i, temperature)
+        loss = (tokens * batch.response_mask).sum() + 0.5 * (z_c_lp * batch.has_slot).sum() + 0.25 * z_i_lp.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return tokens * batch.response_mask, z_c_lp, z_i_lp, grads, sum(positions)
+
+    try:
+        for temperature in (1.0, 0.7):
+            shared, whole = run(True, temperature), run(False, temperature)
+            for a, b in zip(shared[:3], whole[:3]):
+                assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+            for name, grad in whole[3].items():
+                assert float((shared[3][name] - grad).abs().max()) <= 1e-5 * max(1.0, float(grad.abs().max())), name
+            assert whole[4] == batch.input_ids.numel()
+            assert shared[4] < 0.7 * whole[4], (shared[4], whole[4])
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        policy.train()
+        checkpointed = run(True, 1.0)
+        assert checkpointed[4] == batch.input_ids.numel()  # whole rows: the recompute would write a cache twice
+        assert torch.allclose(checkpointed[0], run(False, 1.0)[0], atol=1e-5)
+    finally:
+        hook.remove()
