@@ -1,7 +1,7 @@
 """A full training step (generation + update) against the peer users would pick instead: TRL's GRPOTrainer.
 
     pip install -e .[bench]        # trl, bench-only
-    python bench/bench_peer.py [--steps 3] [--sides ours_fp32,ours_bf16,ours_vllm_bf16,trl_fp32,trl_bf16]
+    python bench/bench_peer.py [--steps 3] [--sides ours_fp32,ours_bf16,ours_vllm_bf16,ours_vllm_fp32,trl_fp32,trl_bf16]
 
 Same workload on both sides: SmolLM2-135M-Instruct, 4 prompts × 4 completions per step, at most 48 new tokens,
 temperature 1, lr 1e-5, no KL term, CPU, the pipeline's own prompts (chat template, instruction, few-shot turns)
@@ -9,7 +9,8 @@ on the default synthetic task. TRL: ``GRPOTrainer`` (plain PyTorch, HF ``generat
 the last ``\\boxed{}`` equal to the gold answer; step time from a callback around each optimizer step. Ours: the
 train stage's ``run_step`` (ZeRO-3 engine, continuous-batching HF rollouts with z_c scored in-pass, math-verify
 pool, the LaSeR loss) at fp32 and bf16 compute, and with vLLM rollouts (``ours_vllm_bf16``: the colocated
-engine, weights pushed every step; its start-up is outside the timed steps, as in the train stage). Each side and
+engine, weights pushed every step; its start-up is outside the timed steps, as in the train stage;
+``ours_vllm_fp32`` the same in fp32, for CPUs without bf16 kernels, where a bf16 step takes minutes). Each side and
 precision runs in its own process, one warm-up step, then ``--steps`` timed. Writes bench/results/peer_step.json.
 """
 
@@ -34,7 +35,7 @@ from laser.config import Params, build  # noqa: E402
 from laser.io import atomic_write_json  # noqa: E402
 
 PROMPTS, GROUP, MAX_NEW, LR = 4, 4, 48, 1e-5
-SIDES = ("ours_fp32", "ours_bf16", "ours_vllm_bf16", "trl_fp32", "trl_bf16")
+SIDES = ("ours_fp32", "ours_bf16", "ours_vllm_bf16", "ours_vllm_fp32", "trl_fp32", "trl_bf16")
 
 
 def workload(params: Params, tokenizer, steps: int) -> list[dict]:
@@ -160,7 +161,8 @@ def main() -> None:
                          "ours_bf16_over_trl_bf16": ratio("ours_bf16", "trl_bf16"),
                          "ours_fp32_over_trl_fp32": ratio("ours_fp32", "trl_fp32"),
                          "ours_vllm_bf16_over_trl_bf16": ratio("ours_vllm_bf16", "trl_bf16"),
-                         "ours_vllm_bf16_over_trl_fp32": ratio("ours_vllm_bf16", "trl_fp32")},
+                         "ours_vllm_bf16_over_trl_fp32": ratio("ours_vllm_bf16", "trl_fp32"),
+                         "ours_vllm_fp32_over_trl_fp32": ratio("ours_vllm_fp32", "trl_fp32")},
               "goal_ours_over_trl_hf_backend": 0.6, "goal_ours_over_trl_vllm_backend": 0.3,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                          f"torch {torch.__version__}",

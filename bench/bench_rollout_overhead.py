@@ -18,6 +18,8 @@ the same seeds (each sample has its own generator, so every way samples the same
 
 Each way is timed ``--repeats`` times in rotating order; medians give samples/s, tokens/s, the speed-up over the
 implementation before and the overhead of scoring (time / time of the same batching without it).
+Seconds on a shared 2-core VM vary ±15% run to run, more than the cost of scoring, so the work is counted too
+(``decode_work``: model calls and positions fed, in-pass vs plain; ``--work-only`` adds it to an existing file).
 Writes bench/results/rollout_overhead.json.
 """
 
@@ -61,6 +63,30 @@ def official_scores(model, completions, z_c_id: int, pad_id: int, micro: int) ->
     return scores
 
 
+def decode_work(model, generate) -> dict:
+    """Model calls and positions (rows × new columns) fed while ``generate()`` runs: prefill and decode alike."""
+    calls, positions = [], []
+
+    def count(_module, _args, kwargs):
+        calls.append(1)
+        positions.append(kwargs["input_ids"].numel())
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        generate()
+    finally:
+        hook.remove()
+    return {"model_calls": len(calls), "positions": sum(positions)}
+
+
+def work_of(model, run, shared) -> dict:
+    work = {name: decode_work(model, lambda probe=probe: run(shared, probe))
+            for name, probe in (("shared_plain", False), ("shared_in_pass", True))}
+    plain, in_pass = work["shared_plain"], work["shared_in_pass"]
+    return {**work, "calls_in_pass_over_plain": in_pass["model_calls"] / plain["model_calls"],
+            "positions_in_pass_over_plain": in_pass["positions"] / plain["positions"]}
+
+
 def prompts_of(params: Params, tokenizer, n: int) -> list[list[int]]:
     rng = random.Random(1)
     out = []
@@ -78,6 +104,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="bench/results/rollout_overhead.json")
+    parser.add_argument("--work-only", action="store_true", help="only (re)count decode_work into --out")
     args = parser.parse_args()
 
     params = Params()
@@ -104,6 +131,12 @@ def main() -> None:
         "official": lambda: official_scores(model, run(shared, False), z_c_id, tokenizer.pad_token_id, batch),
     }
     assert tuple(ways) == WAYS
+    if args.work_only:
+        result = json.loads(Path(args.out).read_text())
+        result["decode_work"] = work_of(model, run, shared)
+        atomic_write_json(args.out, result)
+        print(json.dumps(result["decode_work"], indent=1))
+        return
     run(shared, False)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in ways}
     for r in range(args.repeats):
@@ -140,6 +173,7 @@ def main() -> None:
         "overhead_in_pass_continuous": median["continuous_in_pass"] / median["continuous_plain"],
         "overhead_in_pass_static": median["static_in_pass"] / median["static_plain"],
         "overhead_official": median["official"] / median["shared_plain"],
+        "decode_work": work_of(model, run, shared),
         "goals": {"speedup_over_static": 1.5, "overhead_in_pass": 1.02},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
