@@ -90,9 +90,10 @@ class PolicyModel(torch.nn.Module):
 
     The losses need log π at the response positions (and log π(z_c | x, y, EOS) at the slot): about a third of a
     row's positions here, and the (R, W, V) logits tensor is the largest activation of a small-vocabulary-heavy
-    model (SmolLM2: V = 49,152 against H = 576). The decoder body runs once over the whole row; the head runs on
-    the selected positions in chunks of ``logits_chunk`` rows, each recomputed in backward (activation
-    checkpointing) when there is more than one, so memory stays O(chunk × V) however long the responses.
+    model (SmolLM2: V = 49,152 against H = 576). The decoder body runs once over each row (a prompt that rows
+    share once for them all: ``_hidden_states``); the head runs on the selected positions in chunks of
+    ``logits_chunk`` rows, each recomputed in backward (activation checkpointing) when there is more than one, so
+    memory stays O(chunk × V) however long the responses.
     ``compute_dtype`` ``bfloat16``: the forward runs under bfloat16 autocast (the weights and the optimizer stay fp32);
     log-softmax is always fp32. Models whose logits are transformed after the head (soft-capping, a logit scale)
     take the full-logits path.

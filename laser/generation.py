@@ -149,7 +149,9 @@ class HFGenerator:
 
     Continuous batching: the batch holds up to ``batch_size`` samples; rows that finish leave it and, once a
     quarter of the slots is free, waiting samples are prefilled and join (their cache left-padded to the batch's
-    width), so the batch is not left decoding its last long sample alone. Every sample draws from its own seeded
+    width), so the batch is not left decoding its last long sample alone. Prefill is shared (``share_prefill``):
+    the prompts' common prefix once per call, each distinct prompt once per admission for all its samples there
+    (they copy its cache). Every sample draws from its own seeded
     generator, so what it gets does not depend on which samples share its batch (up to float rounding of the
     batched matmuls, which can change a draw in rare near-ties).
     """
