@@ -41,6 +41,9 @@ def _apply(value: torch.Tensor | None, fn):
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], finished: Sequence[bool],
             z_c_id: int, pad_id: int) -> PolicyBatch:
     """Right-padded rows with one spare column, so every finished response has room for z_c."""
+    empty = [row for row, prompt in enumerate(prompts) if not len(prompt)]
+    if empty:  # the first response token's log-prob is read at the last prompt position
+        raise ValueError(f"rows {empty[:5]} have an empty prompt: every row needs at least one prompt token")
     width = max(len(p) + len(r) for p, r in zip(prompts, responses)) + 1
     rows = len(prompts)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
@@ -107,6 +110,11 @@ class PolicyModel(torch.nn.Module):
         config = causal_lm.config
         self.lean = not any(getattr(config, key, None) for key in LOGIT_TRANSFORMS) and \
             causal_lm.get_output_embeddings() is not None
+        # A sliding window is masked by cache index, not position: a tail after a shorter prompt's padding would
+        # see a shifted window. Those models run rows whole.
+        layer_types = getattr(config, "layer_types", None)
+        self.can_share_prompts = ("sliding_attention" not in layer_types if layer_types
+                                  else getattr(config, "sliding_window", None) is None)
 
     def forward(self, input_ids, attention_mask, position_ids, response_mask, slot, has_slot,
                 extra_token_id: int | None = None, temperature: float = 1.0, prompt_length=None):
@@ -131,10 +139,9 @@ class PolicyModel(torch.nn.Module):
         a prompt, each distinct prompt runs once with its keys and values cached, and every row runs only its
         response (and slot) on its prompt's cache; the gradient reaches the prompt through the cache. The same
         maths up to float rounding. Not under gradient checkpointing: the recompute would write the cache twice
-        (transformers drops the cache there), so those rows run whole."""
+        (transformers drops the cache there), so those rows run whole (see ``_prompt_groups``)."""
         decoder = self.causal_lm.get_decoder()
-        checkpointing = self.training and getattr(self.causal_lm, "is_activation_checkpointing", False)
-        groups = None if prompt_length is None or checkpointing else _prompt_groups(input_ids, prompt_length)
+        groups = self._prompt_groups(input_ids, prompt_length)
         if groups is None:
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
@@ -158,8 +165,22 @@ class PolicyModel(torch.nn.Module):
             input_ids=input_ids.gather(1, columns),
             attention_mask=torch.cat([prompt_mask[group], attention_mask.gather(1, columns) * inside], dim=1),
             position_ids=position_ids.gather(1, columns), past_key_values=cache, use_cache=True).last_hidden_state
-        last_prompt = prompt_hidden[group, prompt_length - 1]  # (R, H): the first response token's logits
+        last_prompt = prompt_hidden[group, prompt_length - 1]  # (R, H): what the first response token is read at
         return torch.cat([last_prompt[:, None], response_hidden], dim=1), prompt_length - 1
+
+    def _prompt_groups(self, input_ids, prompt_length) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(first row of each distinct prompt, each row's prompt index) for the prompt-once path, or None: rows
+        run whole. In a world of one that is decided per micro-batch (no prompt repeated: whole rows). With more
+        ranks every rank must make the same module calls (ZeRO-3 gathers weights per call), so the prompt-once
+        path runs whatever the rows, each prompt its own group when none repeats."""
+        checkpointing = self.training and getattr(self.causal_lm, "is_activation_checkpointing", False)
+        if prompt_length is None or checkpointing or not self.can_share_prompts:
+            return None
+        groups = _prompt_groups(input_ids, prompt_length)
+        if groups is None and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            rows = torch.arange(len(input_ids), device=input_ids.device)
+            groups = rows, rows
+        return groups
 
     def _lean_logprobs(self, hidden, offset, input_ids, response_mask, slot, has_slot, extra_token_id,
                        temperature):

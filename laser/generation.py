@@ -171,7 +171,8 @@ class HFGenerator:
                  seeds: Sequence[int] | None = None) -> list[Completion]:
         """Sample k of prompt p draws from its own generator, seeded from (``seeds[p]``, k) when ``seeds`` (one
         per prompt) is given — what a prompt gets then does not depend on the other prompts of the call (the
-        trainer's rollouts are the same whatever the number of ranks) — else from (``sampling.seed``, p, k)."""
+        trainer's rollouts are the same whatever the number of ranks; up to float rounding, as the shared prefix
+        prefilled once depends on the call's prompts) — else from (``sampling.seed``, p, k)."""
         jobs = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
         if not jobs:
             return []

@@ -351,3 +351,37 @@ def test_rows_sharing_a_prompt_run_it_once_with_the_same_values_and_gradients(ti
         assert torch.allclose(checkpointed[0], run(False, 1.0)[0], atol=1e-5)
     finally:
         hook.remove()
+
+
+def test_prompt_once_path_has_a_fixed_shape_across_ranks_and_is_off_for_sliding_windows(tiny_model_dir, monkeypatch):
+    """With more than one rank every rank must make the same decoder calls (ZeRO-3 gathers weights per call):
+    rows whose prompts are all distinct still take the prompt-once path there (two calls), with the values of
+    whole rows; in a world of one they run whole (one call). Sliding-window models always run rows whole, and
+    an empty prompt is a clear error."""
+    from laser.batch import PolicyModel
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    z_c = token_id(tokenizer, "<|z_c|>")
+    prompts = [tokenizer.encode("What is 2 + 3?"), tokenizer.encode("And 7 - 1, then?")]
+    responses = [[*tokenizer.encode(" 5."), tokenizer.eos_token_id], tokenizer.encode(" six")]
+    batch = collate(prompts, responses, [True, False], z_c, tokenizer.pad_token_id)
+    policy = PolicyModel(model)
+    calls = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            whole = policy_forward(policy, batch)
+            assert len(calls) == 1
+            monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+            monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+            calls.clear()
+            ranks = policy_forward(policy, batch)
+            assert len(calls) == 2
+    finally:
+        hook.remove()
+    for a, b in zip(ranks[:2], whole[:2]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    assert not PolicyModel(model).can_share_prompts and policy.can_share_prompts
+    with pytest.raises(ValueError, match=r"rows \[1\] have an empty prompt"):
+        collate([prompts[0], []], responses, [True, True], z_c, tokenizer.pad_token_id)
