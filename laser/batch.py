@@ -176,7 +176,7 @@ class PolicyModel(torch.nn.Module):
         checkpointing = self.training and getattr(self.causal_lm, "is_activation_checkpointing", False)
         if prompt_length is None or checkpointing or not self.can_share_prompts:
             return None
-        groups = _prompt_groups(input_ids, prompt_length)
+        groups = _distinct_prompts(input_ids, prompt_length)
         if groups is None and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             rows = torch.arange(len(input_ids), device=input_ids.device)
             groups = rows, rows
@@ -220,8 +220,8 @@ class PolicyModel(torch.nn.Module):
         return torch.cat(parts) if parts else hidden.new_zeros((0, targets.shape[1]), dtype=torch.float32)
 
 
-def _prompt_groups(input_ids: torch.Tensor, prompt_length: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _distinct_prompts(input_ids: torch.Tensor, prompt_length: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(first row of each distinct prompt (U,), each row's prompt index (R,)), or None if no row repeats one."""
     index: dict[tuple[int, ...], int] = {}
     first, group = [], []

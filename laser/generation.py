@@ -251,9 +251,10 @@ class HFGenerator:
                  prefix: _Prefix | None) -> _DecodeState:
         """One prefill row per distinct prompt (after the shared prefix); its samples copy that row's cache."""
         device = self.model.device
-        distinct = list(dict.fromkeys(job_prompts)) if self.share_prefill else job_prompts
-        rows = torch.tensor([distinct.index(p) for p in job_prompts] if self.share_prefill else
-                            range(len(job_prompts)), device=device)
+        keys = job_prompts if self.share_prefill else jobs  # a prefill row per distinct prompt, or per sample
+        row_of = {key: row for row, key in enumerate(dict.fromkeys(keys))}
+        distinct = [job_prompts[keys.index(key)] for key in row_of]  # the prompt of each prefill row
+        rows = torch.tensor([row_of[key] for key in keys], device=device)
         shared = prefix.length if prefix else 0
         ids, mask = left_pad([prompts[p][shared:] for p in distinct], self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
